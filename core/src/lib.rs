@@ -1,0 +1,19 @@
+//! The pure crypto core of manna_crypt.
+//!
+//! Nothing in this crate knows about PostgreSQL: it is plain Rust, unit-tested
+//! with `cargo test -p manna_crypt_core`. The extension's pgrx layer converts
+//! SQL arguments, finds keys and turns the errors defined here into SQLSTATEs.
+//!
+//! - [`envelope`]: the version-1 ciphertext format (binary and `mc1:` text form);
+//! - [`aead`]: AES-256-GCM seal/open with the envelope header bound into the AAD;
+//! - [`nonce`]: per-process CSPRNG for 96-bit nonces, safe across `fork()`;
+//! - [`keywrap`]: data keys wrapped under the root key, and the key check value;
+//! - [`fernet`]: reading (and, for tests, writing) legacy Fernet tokens;
+//! - [`secret`]: a 32-byte key type that is wiped when dropped.
+
+pub mod aead;
+pub mod envelope;
+pub mod fernet;
+pub mod keywrap;
+pub mod nonce;
+pub mod secret;

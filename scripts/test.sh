@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The whole test suite. Exits non-zero on any failure.
+#
+#   1. style: cargo fmt --check, cargo clippy -D warnings
+#   2. the pure core: cargo test -p manna_crypt_core (incl. Wycheproof, Fernet spec)
+#   3. backend tests: cargo pgrx test (#[pg_test])
+#   4. the SQL contract: pg_regress over tests/pg_regress against a real cluster
+#   5. real clients: pytest over tests/python (psycopg, SQLAlchemy, Alembic,
+#      Python cryptography), including multi-cluster tests
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+cd "$MC_ROOT"
+
+"$MC_ROOT/scripts/setup.sh" --deps
+
+log "style: cargo fmt --check"
+cargo fmt --all -- --check
+log "style: cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --features "pg15 pg_test" -- -D warnings
+
+log "core unit tests"
+cargo test -p manna_crypt_core --release
+
+log "backend tests: cargo pgrx test"
+PGRX_DATA="$MC_ROOT/target/pgrx-test-data"
+mkdir -p "$PGRX_DATA"
+[ "$(id -u)" = 0 ] && chown postgres:postgres "$PGRX_DATA"
+if [ "$(id -u)" = 0 ]; then
+    CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA="$PGRX_DATA" cargo pgrx test pg15
+else
+    cargo pgrx test pg15
+fi
+
+log "installing the release build for the cluster tests"
+cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null
+
+CLUSTER="$MC_ROOT/target/mc-test"
+PORT=${MC_TEST_PORT:-55432}
+cluster_stop "$CLUSTER"
+rm -rf "$CLUSTER"
+cluster_start "$CLUSTER" "$PORT" "log_min_messages = warning"
+trap 'cluster_stop "$CLUSTER"' EXIT
+
+log "SQL contract: pg_regress"
+REGRESS_OUT="$MC_ROOT/target/pg_regress"
+rm -rf "$REGRESS_OUT"; mkdir -p "$REGRESS_OUT"
+tests=$(cd tests/pg_regress/sql && ls *.sql | sed 's/\.sql$//' | sort)
+PGXS=$(dirname "$("$PG_CONFIG" --pgxs)")
+"$PGXS/../test/regress/pg_regress" \
+    --inputdir=tests/pg_regress --outputdir="$REGRESS_OUT" \
+    --host="$CLUSTER" --port="$PORT" --use-existing --dbname=mc_regress \
+    --bindir="$(pg_bindir)" $tests \
+    || { cat "$REGRESS_OUT/regression.diffs" 2>/dev/null | head -n 200; die "pg_regress failed"; }
+
+log "client tests: pytest"
+VENV="$MC_ROOT/target/venv"
+if [ ! -x "$VENV/bin/pytest" ] || [ tests/python/requirements.txt -nt "$VENV/bin/pytest" ]; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip
+    "$VENV/bin/pip" install -q -r tests/python/requirements.txt
+    touch "$VENV/bin/pytest"
+fi
+MC_PGHOST="$CLUSTER" MC_PGPORT="$PORT" MC_CLUSTER_DIR="$CLUSTER" MC_ROOT="$MC_ROOT" \
+    "$VENV/bin/pytest" -q -p no:cacheprovider tests/python "$@"

@@ -1,0 +1,124 @@
+-- manna_crypt finalize: runs after every function exists.
+-- Cache invalidation triggers, the keys view, privileges, comments.
+
+-- Any change to key state, however made, reaches every backend's key cache
+-- by its next transaction (see src/keys/cache.rs).
+CREATE FUNCTION manna_crypt._keys_changed() RETURNS trigger
+    LANGUAGE plpgsql AS
+$$
+BEGIN
+    PERFORM manna_crypt._invalidate_key_cache();
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER invalidate_key_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON manna_crypt.data_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION manna_crypt._keys_changed();
+CREATE TRIGGER invalidate_key_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON manna_crypt.keyrings
+    FOR EACH STATEMENT EXECUTE FUNCTION manna_crypt._keys_changed();
+CREATE TRIGGER invalidate_key_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON manna_crypt.root_key_check
+    FOR EACH STATEMENT EXECUTE FUNCTION manna_crypt._keys_changed();
+
+-- The audit log only grows.
+CREATE FUNCTION manna_crypt._audit_log_append_only() RETURNS trigger
+    LANGUAGE plpgsql AS
+$$
+BEGIN
+    RAISE EXCEPTION 'manna_crypt.audit_log is append-only'
+        USING ERRCODE = '42501', HINT = 'audit entries cannot be changed or deleted';
+END
+$$;
+CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON manna_crypt.audit_log
+    FOR EACH ROW EXECUTE FUNCTION manna_crypt._audit_log_append_only();
+CREATE TRIGGER append_only_truncate BEFORE TRUNCATE ON manna_crypt.audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION manna_crypt._audit_log_append_only();
+
+-- Key metadata without material.
+CREATE VIEW manna_crypt.keys AS
+SELECT k.key_id, r.name AS keyring, r.kind, k.version, k.status,
+       k.created_at, k.status_changed_at, k.root_fingerprint, r.rotation_period
+  FROM manna_crypt.data_keys k
+  JOIN manna_crypt.keyrings r USING (keyring_id);
+
+---------------------------------------------------------------------------
+-- Privileges: PUBLIC gets nothing that touches keys.
+---------------------------------------------------------------------------
+GRANT USAGE ON SCHEMA manna_crypt TO PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA manna_crypt FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA manna_crypt FROM PUBLIC;
+REVOKE EXECUTE ON ALL ROUTINES IN SCHEMA manna_crypt FROM PUBLIC;
+
+-- Pure format checks: the domain's CHECK must work for every role that
+-- writes an encrypted_text column.
+GRANT EXECUTE ON FUNCTION manna_crypt.is_encrypted(text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION manna_crypt.key_id(text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION manna_crypt.key_id(bytea) TO PUBLIC;
+
+GRANT EXECUTE ON FUNCTION
+    manna_crypt.encrypt_gcm(text, text, text),
+    manna_crypt.encrypt_gcm(text, bytea, text),
+    manna_crypt.encrypt_gcm(bytea, text, text),
+    manna_crypt.encrypt_gcm(bytea, bytea, text),
+    manna_crypt.decrypt_gcm(text, text),
+    manna_crypt.decrypt_gcm(text, bytea, text),
+    manna_crypt.decrypt_gcm(bytea, text),
+    manna_crypt.decrypt_gcm(bytea, bytea, text),
+    manna_crypt.aes_gcm_decrypt(bytea, bytea, bytea, bytea)
+  TO manna_crypt_user;
+
+GRANT EXECUTE ON FUNCTION
+    manna_crypt.create_keyring(text, interval),
+    manna_crypt.rotate_keyring(text),
+    manna_crypt.rotate_due(),
+    manna_crypt.set_rotation_period(text, interval),
+    manna_crypt.revoke_key(integer, boolean),
+    manna_crypt.reinstate_key(integer),
+    manna_crypt.destroy_key(integer, boolean),
+    manna_crypt.import_fernet_key(text, text),
+    manna_crypt.rewrap_keys(),
+    manna_crypt.info(),
+    manna_crypt.register_column(regclass, text),
+    manna_crypt.unregister_column(regclass, text)
+  TO manna_crypt_admin;
+
+GRANT SELECT ON manna_crypt.keys TO manna_crypt_admin;
+GRANT SELECT ON manna_crypt.audit_log TO manna_crypt_admin;
+GRANT SELECT ON manna_crypt.registered_columns TO manna_crypt_admin;
+
+---------------------------------------------------------------------------
+-- Comments
+---------------------------------------------------------------------------
+COMMENT ON SCHEMA manna_crypt IS 'manna_crypt: AES-256-GCM field encryption with envelope key management';
+COMMENT ON DOMAIN manna_crypt.encrypted_text IS 'text holding a well-formed manna_crypt version-1 ciphertext ("mc1:" + base64); rejects plaintext';
+COMMENT ON FUNCTION manna_crypt.encrypt_gcm(text, text, text) IS 'encrypt text under the active key of a keyring, optional AAD; returns mc1: text';
+COMMENT ON FUNCTION manna_crypt.encrypt_gcm(text, bytea, text) IS 'encrypt text under a raw 32-byte key (key id 0), optional AAD; the key appears in SQL text and logs';
+COMMENT ON FUNCTION manna_crypt.encrypt_gcm(bytea, text, text) IS 'encrypt bytes under the active key of a keyring; returns the binary envelope';
+COMMENT ON FUNCTION manna_crypt.encrypt_gcm(bytea, bytea, text) IS 'encrypt bytes under a raw 32-byte key (key id 0); returns the binary envelope';
+COMMENT ON FUNCTION manna_crypt.decrypt_gcm(text, text) IS 'decrypt mc1: text; the key is found from the key id in the envelope';
+COMMENT ON FUNCTION manna_crypt.decrypt_gcm(text, bytea, text) IS 'decrypt mc1: text with a raw 32-byte key';
+COMMENT ON FUNCTION manna_crypt.decrypt_gcm(bytea, text) IS 'decrypt a binary envelope; the key is found from its key id';
+COMMENT ON FUNCTION manna_crypt.decrypt_gcm(bytea, bytea, text) IS 'decrypt a binary envelope with a raw 32-byte key';
+COMMENT ON FUNCTION manna_crypt.aes_gcm_decrypt(bytea, bytea, bytea, bytea) IS 'bare AES-256-GCM decryption (12-byte nonce, ciphertext followed by 16-byte tag) for foreign formats; no encrypting twin by design';
+COMMENT ON FUNCTION manna_crypt.is_encrypted(text) IS 'true when the text is a well-formed version-1 ciphertext (says nothing about keys)';
+COMMENT ON FUNCTION manna_crypt.key_id(text) IS 'the key id in a text ciphertext header (0 = raw key)';
+COMMENT ON FUNCTION manna_crypt.key_id(bytea) IS 'the key id in a binary envelope header (0 = raw key)';
+COMMENT ON FUNCTION manna_crypt.create_keyring(text, interval) IS 'create an AES-256-GCM keyring with an active version-1 key; returns its key id';
+COMMENT ON FUNCTION manna_crypt.rotate_keyring(text) IS 'make a new active key version; older versions stay decrypt_only; returns the new key id';
+COMMENT ON FUNCTION manna_crypt.rotate_due() IS 'rotate every keyring whose rotation period has elapsed (for pg_cron)';
+COMMENT ON FUNCTION manna_crypt.set_rotation_period(text, interval) IS 'set or clear (NULL) a keyring''s rotation period';
+COMMENT ON FUNCTION manna_crypt.revoke_key(integer, boolean) IS 'revoke a key: it no longer encrypts or decrypts; refused while registered columns use it unless forced';
+COMMENT ON FUNCTION manna_crypt.reinstate_key(integer) IS 'undo a revocation: the key becomes decrypt_only';
+COMMENT ON FUNCTION manna_crypt.destroy_key(integer, boolean) IS 'crypto-shred a revoked key: its wrapped material is wiped, irreversibly';
+COMMENT ON FUNCTION manna_crypt.import_fernet_key(text, text) IS 'import a legacy Fernet key into a Fernet keyring (created if needed); returns its key id';
+COMMENT ON FUNCTION manna_crypt.rewrap_keys() IS 'root-key rotation: re-wrap every data key under the current root key, using the previous one; touches no row';
+COMMENT ON FUNCTION manna_crypt.info() IS 'version, root key source and fingerprint, keyrings, key counts, CPU AES support';
+COMMENT ON FUNCTION manna_crypt.register_column(regclass, text) IS 'record that a text column holds ciphertexts, protecting the keys it uses';
+COMMENT ON FUNCTION manna_crypt.unregister_column(regclass, text) IS 'forget a registered column';
+COMMENT ON FUNCTION manna_crypt._invalidate_key_cache() IS 'internal: queue a key cache invalidation for every backend';
+COMMENT ON FUNCTION manna_crypt._keys_changed() IS 'internal: trigger calling _invalidate_key_cache()';
+COMMENT ON FUNCTION manna_crypt._audit_log_append_only() IS 'internal: keeps audit_log append-only';
+COMMENT ON TABLE manna_crypt.keyrings IS 'named keyrings (kind gcm or fernet)';
+COMMENT ON TABLE manna_crypt.data_keys IS 'data keys, wrapped under the root key; no plaintext key material';
+COMMENT ON TABLE manna_crypt.root_key_check IS 'check value of the root key the data keys are wrapped under (an HMAC, not the key)';
+COMMENT ON TABLE manna_crypt.audit_log IS 'append-only record of key lifecycle events and migrations';
+COMMENT ON TABLE manna_crypt.registered_columns IS 'columns known to hold ciphertexts';
+COMMENT ON VIEW manna_crypt.keys IS 'every data key with its keyring, version and status; no key material';

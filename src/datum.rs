@@ -1,0 +1,75 @@
+//! Return types that need more than pgrx's defaults.
+//!
+//! - [`EncryptedText`] is a `String` that PostgreSQL sees as the
+//!   `manna_crypt.encrypted_text` domain, so `encrypt_gcm` returns the domain.
+//! - [`SecretText`] and [`SecretBytes`] hold decrypted plaintext: they copy it
+//!   into a PostgreSQL datum and then wipe the Rust buffer. (The datum itself
+//!   is PostgreSQL's to manage, as with any value a query returns.)
+
+use pgrx::callconv::{BoxRet, FcInfo};
+use pgrx::datum::Datum;
+use pgrx::prelude::*;
+use zeroize::Zeroizing;
+
+pub struct EncryptedText(pub String);
+
+impl_sql_translatable!(EncryptedText, "manna_crypt.encrypted_text");
+
+// SAFETY: the datum is a freshly palloc'd text varlena made by pgrx's `&str`
+// conversion, returned straight to the caller of the function.
+unsafe impl BoxRet for EncryptedText {
+    unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> Datum<'fcx> {
+        match self.0.as_str().into_datum() {
+            Some(d) => unsafe { fcinfo.return_raw_datum(d) },
+            None => fcinfo.return_null(),
+        }
+    }
+}
+
+/// Decrypted UTF-8 plaintext, wiped on drop.
+pub struct SecretText(pub Zeroizing<Vec<u8>>);
+
+impl_sql_translatable!(SecretText, "text");
+
+// SAFETY: as for EncryptedText; the bytes were checked to be UTF-8 when the
+// value was built (see `SecretText::from_utf8`).
+unsafe impl BoxRet for SecretText {
+    unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> Datum<'fcx> {
+        // SAFETY: validated in `from_utf8`, the only constructor used.
+        let s = unsafe { std::str::from_utf8_unchecked(&self.0) };
+        match s.into_datum() {
+            Some(d) => unsafe { fcinfo.return_raw_datum(d) },
+            None => fcinfo.return_null(),
+        }
+    }
+}
+
+impl SecretText {
+    /// `None` when the bytes are not UTF-8 (a bytea encrypted and then read
+    /// back as text).
+    pub fn from_utf8(bytes: Zeroizing<Vec<u8>>) -> Option<Self> {
+        std::str::from_utf8(&bytes)
+            .is_ok()
+            .then_some(SecretText(bytes))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // SAFETY: validated in `from_utf8`.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+}
+
+/// Decrypted binary plaintext, wiped on drop.
+pub struct SecretBytes(pub Zeroizing<Vec<u8>>);
+
+impl_sql_translatable!(SecretBytes, "bytea");
+
+// SAFETY: a freshly palloc'd bytea varlena from pgrx's `&[u8]` conversion.
+unsafe impl BoxRet for SecretBytes {
+    unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> Datum<'fcx> {
+        match (&self.0[..]).into_datum() {
+            Some(d) => unsafe { fcinfo.return_raw_datum(d) },
+            None => fcinfo.return_null(),
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! One error type for everything a user can get wrong, each variant mapped to
+//! exactly one SQLSTATE from DESIGN.md section 6.
+//!
+//! Messages follow PostgreSQL style: lowercase, no trailing period, specifics
+//! in DETAIL and HINT. No variant can carry key material or plaintext: they
+//! hold names, lengths and ids only.
+
+use manna_crypt_core::aead::AuthError;
+use manna_crypt_core::envelope::FormatError;
+use manna_crypt_core::fernet::FernetError;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode as Code;
+
+#[derive(Debug)]
+pub enum McError {
+    /// 22P02: not a well-formed ciphertext or token.
+    Malformed { what: &'static str, detail: String },
+    /// 22023: an argument is out of range or of the wrong shape.
+    BadArgument {
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+    },
+    /// 39000: authentication failed (wrong key, wrong AAD, tampering).
+    Unauthenticated { detail: String },
+    /// 42704: no such keyring or key id.
+    UnknownObject {
+        message: String,
+        hint: Option<String>,
+    },
+    /// 55000: key revoked or destroyed; keyring has no active key; or another
+    /// object state that forbids the operation.
+    WrongState {
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+    },
+    /// 58P01: root key not configured or its file does not exist.
+    RootKeyMissing {
+        message: String,
+        hint: Option<String>,
+    },
+    /// 58030: root key unreadable, bad permissions, bad content, command failed.
+    RootKeyIo {
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+    },
+    /// F0000: the root key does not match the stored check value.
+    RootKeyMismatch { detail: String },
+    /// 40001: optimistic locking found a stale row version.
+    StaleVersion {
+        table: String,
+        expected: i64,
+        current: i64,
+    },
+    /// 42501: missing privilege.
+    Privilege {
+        message: String,
+        hint: Option<String>,
+    },
+    /// 22021: decrypted bytes are not valid UTF-8 but text was asked for
+    /// (PostgreSQL's own code for an invalid byte sequence).
+    NotUtf8,
+    /// 42710: the object already exists.
+    Duplicate(String),
+    /// XX000: a bug in manna_crypt, never the user's input.
+    Internal(String),
+    /// 0A000 / 39P01 etc.: a trigger or function used where it cannot work.
+    Usage {
+        code: Code,
+        message: String,
+        hint: Option<String>,
+    },
+}
+
+pub type McResult<T> = Result<T, McError>;
+
+impl McError {
+    pub fn bad_arg(message: impl Into<String>) -> Self {
+        McError::BadArgument {
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            McError::Malformed { .. } => Code::ERRCODE_INVALID_TEXT_REPRESENTATION,
+            McError::BadArgument { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
+            McError::Unauthenticated { .. } => Code::ERRCODE_EXTERNAL_ROUTINE_INVOCATION_EXCEPTION,
+            McError::UnknownObject { .. } => Code::ERRCODE_UNDEFINED_OBJECT,
+            McError::WrongState { .. } => Code::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            McError::RootKeyMissing { .. } => Code::ERRCODE_UNDEFINED_FILE,
+            McError::RootKeyIo { .. } => Code::ERRCODE_IO_ERROR,
+            McError::RootKeyMismatch { .. } => Code::ERRCODE_CONFIG_FILE_ERROR,
+            McError::StaleVersion { .. } => Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            McError::Privilege { .. } => Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            McError::NotUtf8 => Code::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+            McError::Internal(_) => Code::ERRCODE_INTERNAL_ERROR,
+            McError::Duplicate(_) => Code::ERRCODE_DUPLICATE_OBJECT,
+            McError::Usage { code, .. } => *code,
+        }
+    }
+
+    fn parts(self) -> (String, Option<String>, Option<String>) {
+        match self {
+            McError::Malformed { what, detail } => (format!("malformed {what}"), Some(detail), None),
+            McError::BadArgument { message, detail, hint } => (message, detail, hint),
+            McError::Unauthenticated { detail } => (
+                "decryption failed: wrong key or corrupt data".into(),
+                Some(detail),
+                Some("check the key and the associated data (aad) used at encryption".into()),
+            ),
+            McError::UnknownObject { message, hint } => (message, None, hint),
+            McError::WrongState { message, detail, hint } => (message, detail, hint),
+            McError::RootKeyMissing { message, hint } => (message, None, hint),
+            McError::RootKeyIo { message, detail, hint } => (message, detail, hint),
+            McError::RootKeyMismatch { detail } => (
+                "root key does not match".into(),
+                Some(detail),
+                Some("configure the root key these data keys were created under, or set manna_crypt.previous_root_key_file and call manna_crypt.rewrap_keys()".into()),
+            ),
+            McError::StaleVersion { table, expected, current } => (
+                format!("stale row version for table \"{table}\""),
+                Some(format!("the update expected version {expected}, but the current version is {current}")),
+                Some("reread the row and retry the update".into()),
+            ),
+            McError::Privilege { message, hint } => (message, None, hint),
+            McError::NotUtf8 => (
+                "decrypted value is not valid UTF-8 text".into(),
+                Some("the value authenticated, but its plaintext is binary".into()),
+                Some("use the bytea form: decrypt_gcm(decode(substr(ciphertext, 5), 'base64'), ...)".into()),
+            ),
+            McError::Internal(message) => (message, None, None),
+            McError::Duplicate(message) => (message, None, None),
+            McError::Usage { message, hint, .. } => (message, None, hint),
+        }
+    }
+
+    /// Raises the error as a PostgreSQL ERROR. Never returns.
+    pub fn raise(self) -> ! {
+        let code = self.code();
+        let (message, detail, hint) = self.parts();
+        let mut report = ErrorReport::new(code, message, "manna_crypt");
+        if let Some(d) = detail {
+            report = report.set_detail(d);
+        }
+        if let Some(h) = hint {
+            report = report.set_hint(h);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ereport(ERROR) does not return")
+    }
+}
+
+impl From<FormatError> for McError {
+    fn from(e: FormatError) -> Self {
+        McError::Malformed {
+            what: "ciphertext",
+            detail: e.to_string(),
+        }
+    }
+}
+
+impl From<AuthError> for McError {
+    fn from(_: AuthError) -> Self {
+        McError::Unauthenticated {
+            detail: "the AES-GCM authentication tag did not verify".into(),
+        }
+    }
+}
+
+impl From<FernetError> for McError {
+    fn from(e: FernetError) -> Self {
+        match e {
+            FernetError::Malformed(why) => McError::Malformed { what: "fernet token", detail: why.into() },
+            FernetError::Unauthenticated => McError::Unauthenticated {
+                detail: "no key of the keyring verifies the Fernet token's HMAC, or its padding is invalid".into(),
+            },
+        }
+    }
+}
+
+/// Unwraps a result at the SQL boundary, raising the error.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T, E: Into<McError>> OrRaise<T> for Result<T, E> {
+    fn or_raise(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(e) => e.into().raise(),
+        }
+    }
+}
+
+impl From<pgrx::spi::Error> for McError {
+    fn from(e: pgrx::spi::Error) -> Self {
+        // SPI errors are ours (a query or a type mapping), never the user's.
+        McError::Internal(format!("internal SPI error: {e}"))
+    }
+}

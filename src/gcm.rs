@@ -1,0 +1,272 @@
+//! `encrypt_gcm` / `decrypt_gcm` and the bare `aes_gcm_decrypt` primitive.
+//!
+//! Every SQL form funnels into [`seal_value`] and [`open_value`]; the forms
+//! differ only in where the key comes from (a raw 32-byte key, id 0, or a
+//! keyring's data key found through [`crate::keys::cache`]) and whether the
+//! envelope travels as bytea or as `mc1:` text.
+//!
+//! Volatility: encryption draws a random nonce, so it is VOLATILE. Raw-key
+//! decryption depends only on its arguments: IMMUTABLE. Keyring decryption
+//! reads key state that a revocation changes: STABLE. All are PARALLEL SAFE —
+//! each parallel worker is a separate process with its own nonce generator
+//! (see `manna_crypt_core::nonce`) and its own key cache.
+//!
+//! Not STRICT on purpose: a NULL plaintext or ciphertext gives NULL, a NULL
+//! AAD means "no AAD", but a NULL key or keyring is an error, so a missing key
+//! can never silently turn a secret into NULL.
+
+use std::cell::RefCell;
+
+use manna_crypt_core::aead::{self, Cipher};
+use manna_crypt_core::envelope::{self, Envelope};
+use manna_crypt_core::nonce::NonceSource;
+use manna_crypt_core::secret::Key32;
+use pgrx::prelude::*;
+use zeroize::Zeroizing;
+
+use crate::datum::{EncryptedText, SecretBytes, SecretText};
+use crate::error::{McError, McResult, OrRaise};
+use crate::keys::cache;
+
+thread_local! {
+    static NONCES: RefCell<NonceSource> = const { RefCell::new(NonceSource::new()) };
+    /// The last raw key used, with its expanded schedule: a query that passes
+    /// the same key for a million rows expands it once.
+    static RAW_KEY: RefCell<Option<(Key32, Cipher)>> = const { RefCell::new(None) };
+}
+
+fn next_nonce() -> [u8; 12] {
+    NONCES.with(|n| n.borrow_mut().next())
+}
+
+/// Where the key for an operation comes from.
+pub enum KeySource<'a> {
+    Raw(&'a [u8]),
+    Keyring(&'a str),
+}
+
+fn with_raw_cipher<T>(key: &[u8], f: impl FnOnce(&Cipher) -> T) -> McResult<T> {
+    let key = Key32::from_slice(key).map_err(|e| McError::BadArgument {
+        message: "AES-256-GCM key must be 32 bytes".into(),
+        detail: Some(format!("the key given is {} bytes long", e.0)),
+        hint: Some("use gen_random_bytes(32) from pgcrypto, or a keyring".into()),
+    })?;
+    RAW_KEY.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        let hit = matches!(&*slot, Some((k, _)) if k.as_bytes() == key.as_bytes());
+        if !hit {
+            *slot = Some((key.clone(), Cipher::new(&key)));
+        }
+        let (_, cipher) = slot.as_ref().expect("just filled");
+        Ok(f(cipher))
+    })
+}
+
+fn required<'a, T: ?Sized>(v: Option<&'a T>, what: &str) -> McResult<&'a T> {
+    v.ok_or_else(|| McError::bad_arg(format!("{what} must not be null")))
+}
+
+/// Seals `plaintext` into a binary envelope.
+pub fn seal_value(source: KeySource<'_>, plaintext: &[u8], aad: &[u8]) -> McResult<Vec<u8>> {
+    let nonce = next_nonce();
+    match source {
+        KeySource::Raw(key) => with_raw_cipher(key, |c| aead::seal(c, 0, nonce, aad, plaintext)),
+        KeySource::Keyring(name) => {
+            let (key_id, cipher) = cache::active_key(name)?;
+            Ok(aead::seal(&cipher, key_id, nonce, aad, plaintext))
+        }
+    }
+}
+
+/// Opens a binary envelope. With `None` the key comes from the envelope's
+/// key id; with a raw key the envelope's key id is only authenticated.
+pub fn open_value(
+    raw_key: Option<&[u8]>,
+    bytes: &[u8],
+    aad: &[u8],
+) -> McResult<Zeroizing<Vec<u8>>> {
+    let env = Envelope::parse(bytes)?;
+    match raw_key {
+        Some(key) => with_raw_cipher(key, |c| aead::open(c, &env, aad))?.map_err(|_| {
+            McError::Unauthenticated {
+                detail: if env.key_id == 0 {
+                    "the AES-GCM authentication tag did not verify".into()
+                } else {
+                    format!(
+                        "the value names keyring key id {}, not a raw key (id 0)",
+                        env.key_id
+                    )
+                },
+            }
+        }),
+        None => {
+            let cipher = cache::key_for_decrypt(env.key_id)?;
+            aead::open(&cipher, &env, aad).map_err(|_| McError::Unauthenticated {
+                detail: format!(
+                    "the AES-GCM authentication tag did not verify under key id {}",
+                    env.key_id
+                ),
+            })
+        }
+    }
+}
+
+fn aad_bytes(aad: Option<&str>) -> &[u8] {
+    aad.map(str::as_bytes).unwrap_or(b"")
+}
+
+fn to_text(bytes: Zeroizing<Vec<u8>>) -> McResult<SecretText> {
+    SecretText::from_utf8(bytes).ok_or(McError::NotUtf8)
+}
+
+// ---- text forms ---------------------------------------------------------
+
+#[pg_extern(name = "encrypt_gcm", volatile, parallel_safe, requires = ["encrypted_text_domain"])]
+fn encrypt_gcm_raw(
+    plaintext: Option<&str>,
+    key: Option<&[u8]>,
+    aad: default!(Option<&str>, "NULL"),
+) -> Option<EncryptedText> {
+    let key = required(key, "key").or_raise();
+    let pt = plaintext?;
+    let env = seal_value(KeySource::Raw(key), pt.as_bytes(), aad_bytes(aad)).or_raise();
+    Some(EncryptedText(envelope::to_text(&env)))
+}
+
+#[pg_extern(name = "encrypt_gcm", volatile, parallel_safe, requires = ["encrypted_text_domain"])]
+fn encrypt_gcm_keyring(
+    plaintext: Option<&str>,
+    keyring: Option<&str>,
+    aad: default!(Option<&str>, "NULL"),
+) -> Option<EncryptedText> {
+    let keyring = required(keyring, "keyring").or_raise();
+    let pt = plaintext?;
+    let env = seal_value(KeySource::Keyring(keyring), pt.as_bytes(), aad_bytes(aad)).or_raise();
+    Some(EncryptedText(envelope::to_text(&env)))
+}
+
+#[pg_extern(name = "decrypt_gcm", immutable, parallel_safe)]
+fn decrypt_gcm_raw(
+    ciphertext: Option<&str>,
+    key: Option<&[u8]>,
+    aad: default!(Option<&str>, "NULL"),
+) -> Option<SecretText> {
+    let key = required(key, "key").or_raise();
+    let ct = ciphertext?;
+    let bytes = envelope::from_text(ct).or_raise();
+    Some(to_text(open_value(Some(key), &bytes, aad_bytes(aad)).or_raise()).or_raise())
+}
+
+#[pg_extern(name = "decrypt_gcm", stable, parallel_safe)]
+fn decrypt_gcm_keyring(
+    ciphertext: Option<&str>,
+    aad: default!(Option<&str>, "NULL"),
+) -> Option<SecretText> {
+    let ct = ciphertext?;
+    let bytes = envelope::from_text(ct).or_raise();
+    Some(to_text(open_value(None, &bytes, aad_bytes(aad)).or_raise()).or_raise())
+}
+
+// ---- bytea forms: binary plaintext, binary envelope ----------------------
+
+#[pg_extern(name = "encrypt_gcm", volatile, parallel_safe)]
+fn encrypt_gcm_raw_bytea(
+    plaintext: Option<&[u8]>,
+    key: Option<&[u8]>,
+    aad: default!(Option<&str>, "NULL"),
+) -> Option<Vec<u8>> {
+    let key = required(key, "key").or_raise();
+    Some(seal_value(KeySource::Raw(key), plaintext?, aad_bytes(aad)).or_raise())
+}
+
+#[pg_extern(name = "encrypt_gcm", volatile, parallel_safe)]
+fn encrypt_gcm_keyring_bytea(
+    plaintext: Option<&[u8]>,
+    keyring: Option<&str>,
+    aad: default!(Option<&str>, "NULL"),
+) -> Option<Vec<u8>> {
+    let keyring = required(keyring, "keyring").or_raise();
+    Some(seal_value(KeySource::Keyring(keyring), plaintext?, aad_bytes(aad)).or_raise())
+}
+
+#[pg_extern(name = "decrypt_gcm", immutable, parallel_safe)]
+fn decrypt_gcm_raw_bytea(
+    ciphertext: Option<&[u8]>,
+    key: Option<&[u8]>,
+    aad: default!(Option<&str>, "NULL"),
+) -> Option<SecretBytes> {
+    let key = required(key, "key").or_raise();
+    Some(SecretBytes(
+        open_value(Some(key), ciphertext?, aad_bytes(aad)).or_raise(),
+    ))
+}
+
+#[pg_extern(name = "decrypt_gcm", stable, parallel_safe)]
+fn decrypt_gcm_keyring_bytea(
+    ciphertext: Option<&[u8]>,
+    aad: default!(Option<&str>, "NULL"),
+) -> Option<SecretBytes> {
+    Some(SecretBytes(
+        open_value(None, ciphertext?, aad_bytes(aad)).or_raise(),
+    ))
+}
+
+// ---- the bare primitive and format helpers -------------------------------
+
+/// AES-256-GCM decryption of a foreign format. There is deliberately no
+/// encrypting twin that takes a nonce: nonce reuse must stay impossible.
+#[pg_extern(immutable, parallel_safe)]
+fn aes_gcm_decrypt(
+    key: Option<&[u8]>,
+    nonce: Option<&[u8]>,
+    ciphertext_and_tag: Option<&[u8]>,
+    aad: default!(Option<&[u8]>, "NULL"),
+) -> Option<SecretBytes> {
+    let key = Key32::from_slice(required(key, "key").or_raise())
+        .map_err(|e| McError::BadArgument {
+            message: "AES-256-GCM key must be 32 bytes".into(),
+            detail: Some(format!("the key given is {} bytes long", e.0)),
+            hint: None,
+        })
+        .or_raise();
+    let nonce = required(nonce, "nonce").or_raise();
+    if nonce.len() != envelope::NONCE_LEN {
+        McError::BadArgument {
+            message: "AES-GCM nonce must be 12 bytes".into(),
+            detail: Some(format!("the nonce given is {} bytes long", nonce.len())),
+            hint: None,
+        }
+        .raise();
+    }
+    let sealed = ciphertext_and_tag?;
+    if sealed.len() < envelope::TAG_LEN {
+        McError::Malformed {
+            what: "ciphertext",
+            detail: format!("{} bytes cannot hold a 16-byte GCM tag", sealed.len()),
+        }
+        .raise();
+    }
+    Some(SecretBytes(
+        aead::open_raw(&key, nonce, sealed, aad.unwrap_or(b"")).or_raise(),
+    ))
+}
+
+/// The CHECK of the `encrypted_text` domain: a well-formed version-1 text
+/// ciphertext. Says nothing about which key opens it.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn is_encrypted(value: &str) -> bool {
+    envelope::is_well_formed_text(value)
+}
+
+/// The key id in a text ciphertext's header (0 for a raw key).
+#[pg_extern(immutable, strict, parallel_safe)]
+fn key_id(ciphertext: &str) -> i64 {
+    let bytes = envelope::from_text(ciphertext).or_raise();
+    i64::from(Envelope::parse(&bytes).or_raise().key_id)
+}
+
+/// The key id in a binary envelope's header.
+#[pg_extern(name = "key_id", immutable, strict, parallel_safe)]
+fn key_id_bytea(ciphertext: &[u8]) -> i64 {
+    i64::from(Envelope::parse(ciphertext).or_raise().key_id)
+}

@@ -1,0 +1,51 @@
+//! manna_crypt: field encryption inside PostgreSQL.
+//!
+//! This file is the table of contents. The pure crypto lives in the
+//! `manna_crypt_core` crate (no PostgreSQL in it); the modules here convert
+//! SQL arguments, find keys and report errors.
+
+use pgrx::prelude::*;
+
+mod datum;
+mod error;
+mod gcm;
+mod keys;
+mod reencrypt;
+
+::pgrx::pg_module_magic!(name, version);
+
+// Schema objects, in dependency order. `bootstrap.sql` creates the tables,
+// roles and sequences before any function; the domain needs its CHECK
+// function; grants and comments come last.
+extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+extension_sql_file!(
+    "../sql/domain.sql",
+    name = "encrypted_text_domain",
+    requires = [gcm::is_encrypted]
+);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    keys::rootkey::register_settings();
+    keys::cache::register_callback();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        // A fixed, test-only root key from a command: the pgrx test cluster
+        // is created by cargo-pgrx, so a key file with the right owner and
+        // mode cannot be put in place beforehand.
+        vec![
+            "manna_crypt.root_key_command = 'echo 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f'",
+        ]
+    }
+}
