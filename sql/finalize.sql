@@ -80,6 +80,20 @@ GRANT EXECUTE ON FUNCTION
     manna_crypt.unregister_column(regclass, text)
   TO manna_crypt_admin;
 
+-- Concurrency tools touch no keys; app roles need them.
+GRANT EXECUTE ON FUNCTION
+    manna_crypt.version_bump(),
+    manna_crypt.enable_optimistic_locking(regclass, name),
+    manna_crypt.disable_optimistic_locking(regclass),
+    manna_crypt.lock_key(text),
+    manna_crypt.lock_xact(text, interval),
+    manna_crypt.lock_session(text, interval),
+    manna_crypt.try_lock_xact(text),
+    manna_crypt.try_lock_session(text),
+    manna_crypt.unlock(text),
+    manna_crypt.lock_holder(text)
+  TO manna_crypt_user;
+
 GRANT SELECT ON manna_crypt.keys TO manna_crypt_admin;
 GRANT SELECT ON manna_crypt.audit_log TO manna_crypt_admin;
 GRANT SELECT ON manna_crypt.registered_columns TO manna_crypt_admin;
@@ -122,3 +136,13 @@ COMMENT ON TABLE manna_crypt.root_key_check IS 'check value of the root key the 
 COMMENT ON TABLE manna_crypt.audit_log IS 'append-only record of key lifecycle events and migrations';
 COMMENT ON TABLE manna_crypt.registered_columns IS 'columns known to hold ciphertexts';
 COMMENT ON VIEW manna_crypt.keys IS 'every data key with its keyring, version and status; no key material';
+COMMENT ON FUNCTION manna_crypt.version_bump() IS 'optimistic-locking trigger: equal version bumps, old+1 is accepted, anything else raises 40001';
+COMMENT ON FUNCTION manna_crypt.enable_optimistic_locking(regclass, name) IS 'add the version column (bigint NOT NULL DEFAULT 1) if missing and install the version_bump trigger; idempotent';
+COMMENT ON FUNCTION manna_crypt.disable_optimistic_locking(regclass) IS 'remove the version_bump trigger (the column stays)';
+COMMENT ON FUNCTION manna_crypt.lock_key(text) IS 'the advisory lock key of a lock name: first 8 bytes of sha256(''manna_crypt:'' || name) as signed big-endian int8';
+COMMENT ON FUNCTION manna_crypt.lock_xact(text, interval) IS 'take a named lock until the end of the transaction, waiting at most timeout (NULL: forever); 55P03 on timeout';
+COMMENT ON FUNCTION manna_crypt.lock_session(text, interval) IS 'take a named lock until unlock() or the end of the session, waiting at most timeout; 55P03 on timeout';
+COMMENT ON FUNCTION manna_crypt.try_lock_xact(text) IS 'take a named transaction lock if free; returns whether it was taken';
+COMMENT ON FUNCTION manna_crypt.try_lock_session(text) IS 'take a named session lock if free; returns whether it was taken';
+COMMENT ON FUNCTION manna_crypt.unlock(text) IS 'release one hold of a named session lock';
+COMMENT ON FUNCTION manna_crypt.lock_holder(text) IS 'pid of a session holding the named lock, or NULL';

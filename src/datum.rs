@@ -52,11 +52,6 @@ impl SecretText {
             .is_ok()
             .then_some(SecretText(bytes))
     }
-
-    pub fn as_str(&self) -> &str {
-        // SAFETY: validated in `from_utf8`.
-        unsafe { std::str::from_utf8_unchecked(&self.0) }
-    }
 }
 
 /// Decrypted binary plaintext, wiped on drop.

@@ -55,11 +55,6 @@ pub enum McError {
         expected: i64,
         current: i64,
     },
-    /// 42501: missing privilege.
-    Privilege {
-        message: String,
-        hint: Option<String>,
-    },
     /// 22021: decrypted bytes are not valid UTF-8 but text was asked for
     /// (PostgreSQL's own code for an invalid byte sequence).
     NotUtf8,
@@ -97,7 +92,6 @@ impl McError {
             McError::RootKeyIo { .. } => Code::ERRCODE_IO_ERROR,
             McError::RootKeyMismatch { .. } => Code::ERRCODE_CONFIG_FILE_ERROR,
             McError::StaleVersion { .. } => Code::ERRCODE_T_R_SERIALIZATION_FAILURE,
-            McError::Privilege { .. } => Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
             McError::NotUtf8 => Code::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
             McError::Internal(_) => Code::ERRCODE_INTERNAL_ERROR,
             McError::Duplicate(_) => Code::ERRCODE_DUPLICATE_OBJECT,
@@ -128,7 +122,6 @@ impl McError {
                 Some(format!("the update expected version {expected}, but the current version is {current}")),
                 Some("reread the row and retry the update".into()),
             ),
-            McError::Privilege { message, hint } => (message, None, hint),
             McError::NotUtf8 => (
                 "decrypted value is not valid UTF-8 text".into(),
                 Some("the value authenticated, but its plaintext is binary".into()),

@@ -10,6 +10,7 @@ mod datum;
 mod error;
 mod gcm;
 mod keys;
+mod locking;
 mod reencrypt;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -22,6 +23,11 @@ extension_sql_file!(
     "../sql/domain.sql",
     name = "encrypted_text_domain",
     requires = [gcm::is_encrypted]
+);
+extension_sql_file!(
+    "../sql/locking.sql",
+    name = "locking",
+    requires = [locking::version::version_bump]
 );
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 

@@ -1,0 +1,202 @@
+//! Named advisory locks: the role Redis locks play in application code,
+//! with the database as the single source of truth.
+//!
+//! A name maps to PostgreSQL's 64-bit advisory lock key by a stable,
+//! documented function, so programs in any language agree on it:
+//!
+//! ```text
+//! key = first 8 bytes of SHA-256("manna_crypt:" || name), as a signed big-endian int64
+//! ```
+//!
+//! (Python: `int.from_bytes(hashlib.sha256(b"manna_crypt:" + name.encode()).digest()[:8], "big", signed=True)`.)
+//! Any client can therefore also use `pg_advisory_lock(manna_crypt.lock_key(name))`
+//! directly. Timeouts use `lock_timeout` around a normal, fair, queued lock
+//! wait, so waiters are served in order and a cancel interrupts the wait.
+
+use std::ffi::CString;
+
+use pgrx::datum::Interval;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+use sha2::{Digest, Sha256};
+
+use crate::error::{McError, OrRaise};
+
+/// The advisory lock key for a name.
+pub fn key_for(name: &str) -> i64 {
+    let digest = Sha256::new()
+        .chain_update(b"manna_crypt:")
+        .chain_update(name.as_bytes())
+        .finalize();
+    i64::from_be_bytes(digest[..8].try_into().expect("SHA-256 has 32 bytes"))
+}
+
+fn check(name: &str) {
+    if name.is_empty() || name.len() > 200 {
+        McError::BadArgument {
+            message: "invalid lock name".into(),
+            detail: Some(format!(
+                "the name is {} bytes long; a lock name has 1 to 200 bytes",
+                name.len()
+            )),
+            hint: None,
+        }
+        .raise();
+    }
+}
+
+/// The 64-bit advisory lock key for a lock name.
+#[pg_extern(immutable, strict, parallel_safe)]
+fn lock_key(name: &str) -> i64 {
+    check(name);
+    key_for(name)
+}
+
+#[derive(Clone, Copy)]
+enum Scope {
+    Transaction,
+    Session,
+}
+
+fn timeout_ms(timeout: Option<Interval>) -> Option<i64> {
+    timeout.map(|t| {
+        let micros = i64::from(t.months()) * 30 * 86_400_000_000
+            + i64::from(t.days()) * 86_400_000_000
+            + t.micros();
+        if micros < 0 {
+            McError::bad_arg("lock timeout must not be negative").raise();
+        }
+        // lock_timeout = 0 would mean "wait forever"; 1 ms is the floor.
+        (micros / 1000).clamp(1, i64::from(i32::MAX))
+    })
+}
+
+/// Waits for the lock, at most `timeout` (NULL = wait indefinitely).
+fn acquire(name: &str, scope: Scope, timeout: Option<Interval>) {
+    check(name);
+    let key = key_for(name);
+    let sql = match scope {
+        Scope::Transaction => "SELECT pg_catalog.pg_advisory_xact_lock($1)",
+        Scope::Session => "SELECT pg_catalog.pg_advisory_lock($1)",
+    };
+    let Some(ms) = timeout_ms(timeout) else {
+        Spi::run_with_args(sql, &[key.into()])
+            .map_err(McError::from)
+            .or_raise();
+        return;
+    };
+    let name_owned = name.to_owned();
+    // SAFETY: the GUC nest level is popped on success below; on error the
+    // (sub)transaction abort pops it, as for any function-level SET.
+    let nest = unsafe {
+        let nest = pg_sys::NewGUCNestLevel();
+        let value = CString::new(ms.to_string()).expect("digits");
+        pg_sys::set_config_option(
+            c"lock_timeout".as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+        nest
+    };
+    PgTryBuilder::new(|| {
+        Spi::run_with_args(sql, &[key.into()])
+            .map_err(McError::from)
+            .or_raise()
+    })
+    .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, move |_| {
+        McError::Usage {
+            code: PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+            message: format!("could not obtain lock \"{name_owned}\" within {ms} ms"),
+            hint: Some("another session holds it; see pg_locks where locktype = 'advisory'".into()),
+        }
+        .raise()
+    })
+    .execute();
+    // SAFETY: pops the nest level pushed above.
+    unsafe { pg_sys::AtEOXact_GUC(true, nest) };
+}
+
+fn try_acquire(name: &str, scope: Scope) -> bool {
+    check(name);
+    let sql = match scope {
+        Scope::Transaction => "SELECT pg_catalog.pg_try_advisory_xact_lock($1)",
+        Scope::Session => "SELECT pg_catalog.pg_try_advisory_lock($1)",
+    };
+    Spi::get_one_with_args::<bool>(sql, &[key_for(name).into()])
+        .map_err(McError::from)
+        .or_raise()
+        .unwrap_or(false)
+}
+
+/// Takes the named lock until the end of the transaction, waiting at most
+/// `timeout` (NULL: indefinitely). 55P03 on timeout.
+#[pg_extern(volatile, parallel_unsafe)]
+fn lock_xact(name: &str, timeout: default!(Option<Interval>, "NULL")) {
+    acquire(name, Scope::Transaction, timeout)
+}
+
+/// Takes the named lock until `unlock()` or the end of the session.
+#[pg_extern(volatile, parallel_unsafe)]
+fn lock_session(name: &str, timeout: default!(Option<Interval>, "NULL")) {
+    acquire(name, Scope::Session, timeout)
+}
+
+/// Takes the named lock until the end of the transaction if it is free.
+#[pg_extern(volatile, parallel_unsafe)]
+fn try_lock_xact(name: &str) -> bool {
+    try_acquire(name, Scope::Transaction)
+}
+
+/// Takes the named session lock if it is free.
+#[pg_extern(volatile, parallel_unsafe)]
+fn try_lock_session(name: &str) -> bool {
+    try_acquire(name, Scope::Session)
+}
+
+/// Releases one hold of a named session lock; false (with a WARNING from
+/// PostgreSQL) if this session did not hold it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn unlock(name: &str) -> bool {
+    check(name);
+    Spi::get_one_with_args::<bool>(
+        "SELECT pg_catalog.pg_advisory_unlock($1)",
+        &[key_for(name).into()],
+    )
+    .map_err(McError::from)
+    .or_raise()
+    .unwrap_or(false)
+}
+
+/// pg_locks rows of the int8 advisory lock `$1` in this database: the key's
+/// high and low 32 bits are stored as classid and objid, objsubid = 1.
+const LOCK_ROWS: &str = "FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted \
+    AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()) \
+    AND classid::int8 = (($1 >> 32) & 4294967295) AND objid::int8 = ($1 & 4294967295) AND objsubid = 1";
+
+/// Whether this session holds the named lock (either scope).
+pub fn held_by_me(name: &str) -> bool {
+    let key = key_for(name);
+    Spi::get_one_with_args::<bool>(
+        &format!("SELECT EXISTS (SELECT {LOCK_ROWS} AND pid = pg_catalog.pg_backend_pid())"),
+        &[key.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+/// The process id of a session holding the named lock, or NULL.
+#[pg_extern(volatile, parallel_unsafe)]
+fn lock_holder(name: &str) -> Option<i32> {
+    check(name);
+    let key = key_for(name);
+    Spi::get_one_with_args::<i32>(&format!("SELECT pid {LOCK_ROWS} LIMIT 1"), &[key.into()])
+        .map_err(McError::from)
+        .or_raise()
+}
