@@ -94,6 +94,20 @@ GRANT EXECUTE ON FUNCTION
     manna_crypt.lock_holder(text)
   TO manna_crypt_user;
 
+GRANT EXECUTE ON FUNCTION manna_crypt.decrypt_fernet(text, text), manna_crypt.value_class(text) TO manna_crypt_user;
+GRANT EXECUTE ON FUNCTION
+    manna_crypt.column_status(regclass, name),
+    manna_crypt._reencrypt_start(text, regclass, text, text, text, integer, text, boolean),
+    manna_crypt._reencrypt_step(bigint),
+    manna_crypt._reencrypt_finish(bigint)
+  TO manna_crypt_admin;
+GRANT EXECUTE ON PROCEDURE
+    manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean),
+    manna_crypt.rewrap_column(regclass, name, text, integer, name, boolean),
+    manna_crypt.encrypt_column(regclass, name, text, integer, name, boolean)
+  TO manna_crypt_admin;
+GRANT SELECT ON manna_crypt.reencrypt_runs, manna_crypt.reencrypt_failures, manna_crypt.reencrypt_progress TO manna_crypt_admin;
+
 GRANT SELECT ON manna_crypt.keys TO manna_crypt_admin;
 GRANT SELECT ON manna_crypt.audit_log TO manna_crypt_admin;
 GRANT SELECT ON manna_crypt.registered_columns TO manna_crypt_admin;
@@ -146,3 +160,15 @@ COMMENT ON FUNCTION manna_crypt.try_lock_xact(text) IS 'take a named transaction
 COMMENT ON FUNCTION manna_crypt.try_lock_session(text) IS 'take a named session lock if free; returns whether it was taken';
 COMMENT ON FUNCTION manna_crypt.unlock(text) IS 'release one hold of a named session lock';
 COMMENT ON FUNCTION manna_crypt.lock_holder(text) IS 'pid of a session holding the named lock, or NULL';
+COMMENT ON FUNCTION manna_crypt.decrypt_fernet(text, text) IS 'decrypt a legacy Fernet token with the keys of a Fernet keyring (newest first); HMAC checked in constant time before decryption';
+COMMENT ON FUNCTION manna_crypt.value_class(text) IS 'what a stored value is: mc1, fernet, malformed or plaintext (no key needed)';
+COMMENT ON FUNCTION manna_crypt.column_status(regclass, name) IS 'counts of NULL, plaintext, Fernet, malformed and mc1 values per key id of a column';
+COMMENT ON FUNCTION manna_crypt._reencrypt_start(text, regclass, text, text, text, integer, text, boolean) IS 'internal: start or resume a re-encryption run';
+COMMENT ON FUNCTION manna_crypt._reencrypt_step(bigint) IS 'internal: re-encrypt one batch; true while more remains';
+COMMENT ON FUNCTION manna_crypt._reencrypt_finish(bigint) IS 'internal: finish a re-encryption run';
+COMMENT ON PROCEDURE manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean) IS 're-encrypt Fernet tokens in place as AES-256-GCM, committing per batch';
+COMMENT ON PROCEDURE manna_crypt.rewrap_column(regclass, name, text, integer, name, boolean) IS 're-encrypt values under older key versions of a keyring with its active key, committing per batch';
+COMMENT ON PROCEDURE manna_crypt.encrypt_column(regclass, name, text, integer, name, boolean) IS 'encrypt plaintext values of a column in place, committing per batch';
+COMMENT ON TABLE manna_crypt.reencrypt_runs IS 're-encryption runs and their progress, updated in each batch''s transaction';
+COMMENT ON TABLE manna_crypt.reencrypt_failures IS 'rows a run left untouched, with the reason (never the value)';
+COMMENT ON VIEW manna_crypt.reencrypt_progress IS 're-encryption progress, readable while a run is going on';

@@ -133,6 +133,12 @@ impl McError {
         }
     }
 
+    /// The primary message alone, for reports that must stay short (the
+    /// re-encryption failure table). Never contains key material.
+    pub fn message(self) -> String {
+        self.parts().0
+    }
+
     /// Raises the error as a PostgreSQL ERROR. Never returns.
     pub fn raise(self) -> ! {
         let code = self.code();

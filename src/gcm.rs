@@ -35,7 +35,7 @@ thread_local! {
     static RAW_KEY: RefCell<Option<(Key32, Cipher)>> = const { RefCell::new(None) };
 }
 
-fn next_nonce() -> [u8; 12] {
+pub fn next_nonce() -> [u8; 12] {
     NONCES.with(|n| n.borrow_mut().next())
 }
 

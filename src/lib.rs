@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 
 mod datum;
 mod error;
+mod fernet;
 mod gcm;
 mod keys;
 mod locking;
@@ -28,6 +29,17 @@ extension_sql_file!(
     "../sql/locking.sql",
     name = "locking",
     requires = [locking::version::version_bump]
+);
+extension_sql_file!(
+    "../sql/reencrypt.sql",
+    name = "reencrypt",
+    requires = [
+        "bootstrap",
+        reencrypt::engine::_reencrypt_start,
+        reencrypt::engine::_reencrypt_step,
+        reencrypt::engine::_reencrypt_finish,
+        reencrypt::classify::value_class
+    ]
 );
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 

@@ -115,11 +115,14 @@ impl Token {
 
     /// Tries each key in order; returns the index of the key that opened the
     /// token and the plaintext (wiped on drop).
-    pub fn decrypt(&self, keys: &[FernetKey]) -> Result<(usize, Zeroizing<Vec<u8>>), FernetError> {
+    pub fn decrypt<'k>(
+        &self,
+        keys: impl IntoIterator<Item = &'k FernetKey>,
+    ) -> Result<(usize, Zeroizing<Vec<u8>>), FernetError> {
         let (signed, tag) = self.raw.split_at(self.raw.len() - MAC_LEN);
         let iv = &signed[9..HEADER_LEN];
         let ct = &signed[HEADER_LEN..];
-        for (i, key) in keys.iter().enumerate() {
+        for (i, key) in keys.into_iter().enumerate() {
             // `verify_slice` compares in constant time.
             if key.mac(signed).verify_slice(tag).is_err() {
                 continue;

@@ -88,6 +88,13 @@ thread_local! {
 
 /// Set by the relcache callback; checked (and cleared) on every lookup.
 static STALE: AtomicBool = AtomicBool::new(false);
+/// Also set by the relcache callback, and turned into [`STALE`] when the
+/// transaction ends. A key reloaded after an invalidation but still inside
+/// the transaction that processed it was read under that transaction's
+/// snapshot (REPEATABLE READ, or a statement snapshot older than the change),
+/// which may predate the change: without this, such a stale entry (a revoked
+/// key still `Usable`) would outlive the transaction indefinitely.
+static STALE_AT_XACT_END: AtomicBool = AtomicBool::new(false);
 /// OID of manna_crypt.data_keys in this database, 0 until first resolved.
 static DATA_KEYS_OID: AtomicU32 = AtomicU32::new(0);
 
@@ -96,10 +103,30 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
     let ours = DATA_KEYS_OID.load(Ordering::Relaxed);
     if relid == pg_sys::InvalidOid || ours == 0 || relid.to_u32() == ours {
         STALE.store(true, Ordering::Relaxed);
+        STALE_AT_XACT_END.store(true, Ordering::Relaxed);
     }
 }
 
-/// Registers the invalidation callback; called from `_PG_init`.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact_event(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    if matches!(
+        event,
+        XACT_EVENT_COMMIT
+            | XACT_EVENT_PARALLEL_COMMIT
+            | XACT_EVENT_ABORT
+            | XACT_EVENT_PARALLEL_ABORT
+            | XACT_EVENT_PREPARE
+    ) && STALE_AT_XACT_END.swap(false, Ordering::Relaxed)
+    {
+        STALE.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Registers the invalidation callbacks; called from `_PG_init`.
 pub fn register_callback() {
     if CALLBACK_REGISTERED.with(|c| c.replace(true)) {
         return;
@@ -110,7 +137,8 @@ pub fn register_callback() {
         pg_sys::CacheRegisterRelcacheCallback(
             Some(on_relcache_invalidation),
             pg_sys::Datum::from(0),
-        )
+        );
+        pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut());
     };
 }
 
@@ -129,7 +157,7 @@ fn check_stale() {
 
 fn resolve_data_keys_oid() -> McResult<()> {
     if DATA_KEYS_OID.load(Ordering::Relaxed) == 0 {
-        let oid = Spi::get_one::<pg_sys::Oid>(
+        let oid = owner::read_one::<pg_sys::Oid>(
             "SELECT 'manna_crypt.data_keys'::pg_catalog.regclass::pg_catalog.oid",
         )?
         .ok_or_else(|| McError::Internal("manna_crypt.data_keys is missing".into()))?;

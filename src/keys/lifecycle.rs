@@ -17,7 +17,7 @@ use pgrx::JsonB;
 use serde_json::{json, Value};
 
 use super::cache::{self, Status};
-use super::owner::{as_owner, caller};
+use super::owner::{as_owner, caller, read_one};
 use super::rootkey::{self, RootKey, Which};
 use crate::error::{McError, McResult, OrRaise};
 
@@ -39,6 +39,31 @@ pub fn check_name(name: &str) -> McResult<()> {
             hint: Some("a keyring name is 1 to 63 characters: a lowercase letter, then lowercase letters, digits or underscores".into()),
         })
     }
+}
+
+/// Key changes are writes: on a hot standby, refuse them the way PostgreSQL
+/// refuses any write there (SQLSTATE 25006), before the first catalog access
+/// would fail with an internal error trying to assign a transaction id.
+fn refuse_during_recovery(what: &std::ffi::CStr) {
+    // SAFETY: raises a normal ERROR during recovery, otherwise does nothing.
+    unsafe { pgrx::pg_sys::PreventCommandDuringRecovery(what.as_ptr()) }
+}
+
+/// The first column of the first row a writing statement returns, `None`
+/// when it returns no row (`INSERT ... ON CONFLICT DO NOTHING RETURNING`,
+/// an `UPDATE ... RETURNING` that matched nothing). `Spi::get_one_with_args`
+/// reports "no row" as an error instead.
+fn write_one<T: FromDatum + IntoDatum>(
+    query: &str,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+) -> McResult<Option<T>> {
+    Spi::connect_mut(|client| {
+        let rows = client.update(query, Some(1), args)?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        Ok(rows.first().get_one::<T>()?)
+    })
 }
 
 pub fn audit(
@@ -112,9 +137,10 @@ fn next_version(keyring_id: i32) -> McResult<i32> {
 #[pg_extern(volatile, parallel_unsafe)]
 fn create_keyring(name: &str, rotation_period: default!(Option<Interval>, "NULL")) -> i32 {
     check_name(name).or_raise();
+    refuse_during_recovery(c"manna_crypt.create_keyring()");
     let role = caller();
     as_owner(|| {
-        let id = Spi::get_one_with_args::<i32>(
+        let id = write_one::<i32>(
             "INSERT INTO manna_crypt.keyrings (name, kind, rotation_period, created_by) VALUES ($1, 'gcm', $2, $3) \
              ON CONFLICT (name) DO NOTHING RETURNING keyring_id",
             &[name.into(), rotation_period.into(), role.as_str().into()],
@@ -140,7 +166,7 @@ fn rotate(name: &str, role: &str, reason: &str) -> McResult<i32> {
             ),
         });
     }
-    let old = Spi::get_one_with_args::<i32>(
+    let old = write_one::<i32>(
         "UPDATE manna_crypt.data_keys SET status = 'decrypt_only', status_changed_at = now() \
          WHERE keyring_id = $1 AND status = 'active' RETURNING key_id",
         &[id.into()],
@@ -165,6 +191,7 @@ fn rotate(name: &str, role: &str, reason: &str) -> McResult<i32> {
 /// readable (`decrypt_only`). Returns the new key id.
 #[pg_extern(volatile, parallel_unsafe)]
 fn rotate_keyring(name: &str) -> i32 {
+    refuse_during_recovery(c"manna_crypt.rotate_keyring()");
     let role = caller();
     as_owner(|| rotate(name, &role, "manual")).or_raise()
 }
@@ -173,6 +200,7 @@ fn rotate_keyring(name: &str) -> i32 {
 /// last rotation (or creation). Meant for a scheduler such as pg_cron.
 #[pg_extern(volatile, parallel_unsafe)]
 fn rotate_due() -> TableIterator<'static, (name!(keyring, String), name!(key_id, i32))> {
+    refuse_during_recovery(c"manna_crypt.rotate_due()");
     let role = caller();
     let rotated = as_owner(|| {
         let due: Vec<String> = Spi::connect(|client| {
@@ -193,6 +221,7 @@ fn rotate_due() -> TableIterator<'static, (name!(keyring, String), name!(key_id,
 /// Sets (or with NULL clears) a keyring's rotation period.
 #[pg_extern(volatile, parallel_unsafe)]
 fn set_rotation_period(keyring: &str, rotation_period: Option<Interval>) {
+    refuse_during_recovery(c"manna_crypt.set_rotation_period()");
     let role = caller();
     as_owner(|| {
         let (id, _) = keyring_row(keyring)?;
@@ -260,6 +289,7 @@ fn refuse_if_in_use(key_id: i32, action: &str, force: bool) -> McResult<()> {
 /// this by its next transaction.
 #[pg_extern(volatile, parallel_unsafe)]
 fn revoke_key(key_id: i32, force: default!(bool, false)) {
+    refuse_during_recovery(c"manna_crypt.revoke_key()");
     let role = caller();
     as_owner(|| {
         let row = key_row(key_id)?;
@@ -286,6 +316,7 @@ fn revoke_key(key_id: i32, force: default!(bool, false)) {
 /// Undoes a revocation: the key becomes `decrypt_only` again.
 #[pg_extern(volatile, parallel_unsafe)]
 fn reinstate_key(key_id: i32) {
+    refuse_during_recovery(c"manna_crypt.reinstate_key()");
     let role = caller();
     as_owner(|| {
         let row = key_row(key_id)?;
@@ -308,6 +339,7 @@ fn reinstate_key(key_id: i32) {
 /// Crypto-shredding: wipes a revoked key's wrapped material. Irreversible.
 #[pg_extern(volatile, parallel_unsafe)]
 fn destroy_key(key_id: i32, force: default!(bool, false)) {
+    refuse_during_recovery(c"manna_crypt.destroy_key()");
     let role = caller();
     as_owner(|| {
         let row = key_row(key_id)?;
@@ -348,6 +380,7 @@ fn import_fernet_key(keyring: &str, fernet_key: &str) -> i32 {
             hint: None,
         })
         .or_raise();
+    refuse_during_recovery(c"manna_crypt.import_fernet_key()");
     let role = caller();
     as_owner(|| {
         Spi::run_with_args(
@@ -382,6 +415,7 @@ fn import_fernet_key(keyring: &str, fernet_key: &str) -> i32 {
 /// number of keys re-wrapped (0 when they already are under the current key).
 #[pg_extern(volatile, parallel_unsafe)]
 fn rewrap_keys() -> i32 {
+    refuse_during_recovery(c"manna_crypt.rewrap_keys()");
     let role = caller();
     as_owner(|| {
         let current = rootkey::current()?;
@@ -390,8 +424,10 @@ fn rewrap_keys() -> i32 {
             notice!("all data keys are already wrapped under the current root key ({})", current.fingerprint);
             return Ok(0);
         }
-        let rows: Vec<(i32, Vec<u8>)> = Spi::connect(|client| {
-            let rows = client.select(
+        // `update`, not `select`: a read-only SPI query cannot lock rows, and
+        // SPI runs read-only until the transaction has a transaction id.
+        let rows: Vec<(i32, Vec<u8>)> = Spi::connect_mut(|client| {
+            let rows = client.update(
                 "SELECT key_id, wrapped FROM manna_crypt.data_keys WHERE wrapped IS NOT NULL ORDER BY key_id FOR UPDATE",
                 None,
                 &[],
@@ -455,7 +491,7 @@ fn error_text(e: McError) -> String {
 #[pg_extern(stable, parallel_unsafe)]
 fn info() -> JsonB {
     let tables = as_owner(|| {
-        let keyrings = Spi::get_one::<JsonB>(
+        let keyrings = read_one::<JsonB>(
             "SELECT coalesce(jsonb_agg(jsonb_build_object(
                  'name', r.name, 'kind', r.kind,
                  'active_key_id', a.key_id, 'active_version', a.version,
@@ -468,7 +504,7 @@ fn info() -> JsonB {
         )?
         .map(|j| j.0)
         .unwrap_or(Value::Null);
-        let by_status = Spi::get_one::<JsonB>(
+        let by_status = read_one::<JsonB>(
             "SELECT jsonb_build_object(
                 'active', count(*) FILTER (WHERE status = 'active'),
                 'decrypt_only', count(*) FILTER (WHERE status = 'decrypt_only'),
@@ -478,7 +514,7 @@ fn info() -> JsonB {
         )?
         .map(|j| j.0)
         .unwrap_or(Value::Null);
-        let registered = Spi::get_one::<i64>("SELECT count(*) FROM manna_crypt.registered_columns")?.unwrap_or(0);
+        let registered = read_one::<i64>("SELECT count(*) FROM manna_crypt.registered_columns")?.unwrap_or(0);
         Ok::<_, McError>((keyrings, by_status, registered))
     })
     .or_raise();

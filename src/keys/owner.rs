@@ -23,10 +23,9 @@ fn extension_owner() -> McResult<pg_sys::Oid> {
     if cached != pg_sys::InvalidOid {
         return Ok(cached);
     }
-    let owner = Spi::get_one::<pg_sys::Oid>(
+    let owner = read_one::<pg_sys::Oid>(
         "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'manna_crypt'",
-    )
-    .map_err(McError::from)?
+    )?
     .ok_or_else(|| McError::WrongState {
         message: "extension \"manna_crypt\" is not installed in this database".into(),
         detail: None,
@@ -34,6 +33,20 @@ fn extension_owner() -> McResult<pg_sys::Oid> {
     })?;
     OWNER.with(|c| c.set(owner));
     Ok(owner)
+}
+
+/// The first column of the first row of a read-only query (`None` when there
+/// is no row). Unlike `Spi::get_one`, which runs through `SpiClient::update`
+/// and so assigns a transaction id, this works on a hot standby and in a
+/// parallel worker, where assigning one is an error.
+pub fn read_one<T: FromDatum + IntoDatum>(query: &str) -> McResult<Option<T>> {
+    Spi::connect(|client| {
+        let rows = client.select(query, Some(1), &[])?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        Ok(rows.first().get_one::<T>()?)
+    })
 }
 
 /// Forgets the cached owner (after DROP/CREATE EXTENSION).

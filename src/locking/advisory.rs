@@ -195,8 +195,36 @@ pub fn held_by_me(name: &str) -> bool {
 #[pg_extern(volatile, parallel_unsafe)]
 fn lock_holder(name: &str) -> Option<i32> {
     check(name);
-    let key = key_for(name);
-    Spi::get_one_with_args::<i32>(&format!("SELECT pid {LOCK_ROWS} LIMIT 1"), &[key.into()])
-        .map_err(McError::from)
-        .or_raise()
+    holder(name)
+}
+
+/// Takes a named session lock if free (for the re-encryption engine).
+pub fn try_lock(name: &str) -> bool {
+    try_acquire(name, Scope::Session)
+}
+
+/// The pid holding a named lock, if any.
+pub fn holder(name: &str) -> Option<i32> {
+    Spi::get_one_with_args::<i32>(
+        &format!("SELECT pid {LOCK_ROWS} LIMIT 1"),
+        &[key_for(name).into()],
+    )
+    .ok()
+    .flatten()
+}
+
+/// Releases every hold this session has on a named session lock.
+pub fn unlock_all(name: &str) {
+    while held_by_me(name) {
+        let released = Spi::get_one_with_args::<bool>(
+            "SELECT pg_catalog.pg_advisory_unlock($1)",
+            &[key_for(name).into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
+        if !released {
+            break;
+        }
+    }
 }

@@ -153,19 +153,20 @@ fn bump<'a>(
                 ),
             });
         }
-        let kind =
-            match pg_sys::SPI_gettypeid(tupdesc, attnum) {
-                pg_sys::INT2OID => IntKind::I16,
-                pg_sys::INT4OID => IntKind::I32,
-                pg_sys::INT8OID => IntKind::I64,
-                _ => return Err(McError::Usage {
+        let kind = match pg_sys::SPI_gettypeid(tupdesc, attnum) {
+            pg_sys::INT2OID => IntKind::I16,
+            pg_sys::INT4OID => IntKind::I32,
+            pg_sys::INT8OID => IntKind::I64,
+            _ => {
+                return Err(McError::Usage {
                     code: PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
                     message: format!(
                         "version column \"{col}\" of table \"{table}\" is not an integer column"
                     ),
                     hint: Some("use a smallint, integer or bigint column".into()),
-                }),
-            };
+                })
+            }
+        };
         let new_tuple = if is_update {
             td.tg_newtuple
         } else {

@@ -1,0 +1,709 @@
+//! The one engine behind `migrate_fernet`, `rewrap_column` and
+//! `encrypt_column` (DESIGN.md section 4).
+//!
+//! A procedure in SQL drives it: `_reencrypt_start`, then `_reencrypt_step`
+//! once per batch with a COMMIT after each, then `_reencrypt_finish`. The run
+//! state lives in this backend between those calls and is mirrored, in the
+//! same transaction as each batch, into `manna_crypt.reencrypt_runs`, so a
+//! crash loses at most one batch and a rerun resumes at the recorded block.
+//!
+//! Batches are ranges of heap blocks (`ctid >= '(b,0)' AND ctid < '(e,0)'`,
+//! a TID range scan), so no primary key is needed and each batch costs only
+//! its own pages. Safety, per row:
+//! - the new value is sealed, then opened again and compared with the
+//!   plaintext before it may be written;
+//! - the write is a compare-and-set: `WHERE ctid = <read ctid> AND col =
+//!   <read value>`; a row a concurrent transaction changed after the batch
+//!   read it is left to that writer (counted, and picked up by the next pass);
+//! - rows that cannot be converted are left untouched, counted and recorded
+//!   in `manna_crypt.reencrypt_failures` (never with their value);
+//! - the optimistic-locking version is not bumped (see
+//!   [`crate::locking::version::SuppressBump`]).
+//!
+//! After a pass that converted anything, another pass re-checks the table
+//! (rows that concurrent writers put back into an old form), up to
+//! [`MAX_PASSES`]. One run per (table, column) at a time: a named advisory
+//! session lock.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use std::time::Instant;
+
+use manna_crypt_core::aead::{self, Cipher};
+use manna_crypt_core::envelope::{self, Envelope};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::{PgRelation, PgSqlErrorCode};
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use super::classify::{classify, Class};
+use super::registry;
+use crate::error::{McError, McResult, OrRaise};
+use crate::fernet::open_token;
+use crate::gcm::next_nonce;
+use crate::keys::cache;
+use crate::keys::lifecycle::audit;
+use crate::keys::owner::{as_owner, caller};
+use crate::locking::{advisory, version::SuppressBump};
+
+pub const MAX_PASSES: i32 = 3;
+const MAX_BATCH: i32 = 100_000;
+
+#[derive(Clone)]
+enum Mode {
+    MigrateFernet { source: String, target: String },
+    Rewrap { keyring: String },
+    Encrypt { keyring: String },
+}
+
+impl Mode {
+    fn name(&self) -> &'static str {
+        match self {
+            Mode::MigrateFernet { .. } => "migrate_fernet",
+            Mode::Rewrap { .. } => "rewrap_column",
+            Mode::Encrypt { .. } => "encrypt_column",
+        }
+    }
+
+    fn target(&self) -> &str {
+        match self {
+            Mode::MigrateFernet { target, .. } => target,
+            Mode::Rewrap { keyring } | Mode::Encrypt { keyring } => keyring,
+        }
+    }
+
+    fn source(&self) -> Option<&str> {
+        match self {
+            Mode::MigrateFernet { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct Counts {
+    scanned: i64,
+    converted: i64,
+    already: i64,
+    nulls: i64,
+    failed: i64,
+    other_keyring: i64,
+    concurrent: i64,
+}
+
+struct Run {
+    id: i64,
+    oid: pg_sys::Oid,
+    mode: Mode,
+    tbl_sql: String,
+    col: String,
+    col_sql: String,
+    aad_sql: Option<String>,
+    dry_run: bool,
+    blocks_per_batch: i64,
+    next_block: i64,
+    pass: i32,
+    /// This pass only; a new pass starts from zero.
+    pass_counts: Counts,
+    converted_total: i64,
+    concurrent_total: i64,
+    total_estimate: i64,
+    started: Instant,
+    scanned_this_call: i64,
+    lock_name: String,
+}
+
+thread_local! {
+    static RUNS: RefCell<HashMap<i64, Run>> = RefCell::new(HashMap::new());
+    static NEXT_DRY_HANDLE: Cell<i64> = const { Cell::new(-1) };
+}
+
+enum Outcome {
+    Null,
+    Already,
+    OtherKeyring,
+    Convert(String),
+    Fail(Class, String),
+}
+
+/// What one batch needs from the key cache, fetched once per batch.
+struct Keys {
+    target_id: u32,
+    target: Rc<Cipher>,
+    /// Rewrap: the key ids of the keyring.
+    ring_ids: HashSet<u32>,
+}
+
+fn seal_verified(keys: &Keys, plaintext: &[u8], aad: &[u8]) -> McResult<String> {
+    let env = aead::seal(&keys.target, keys.target_id, next_nonce(), aad, plaintext);
+    let back = aead::open(&keys.target, &Envelope::parse(&env)?, aad)?;
+    if back[..] != plaintext[..] {
+        return Err(McError::Internal(
+            "re-encrypted value did not decrypt back to its plaintext".into(),
+        ));
+    }
+    Ok(envelope::to_text(&env))
+}
+
+fn convert(mode: &Mode, keys: &Keys, value: Option<&str>, aad: &[u8]) -> Outcome {
+    let Some(value) = value else {
+        return Outcome::Null;
+    };
+    let class = classify(value);
+    let sealed = |pt: McResult<Zeroizing<Vec<u8>>>| -> Outcome {
+        match pt {
+            Ok(pt) if std::str::from_utf8(&pt).is_err() => Outcome::Fail(
+                class,
+                "plaintext is not UTF-8 text; a text column cannot hold it".into(),
+            ),
+            Ok(pt) => match seal_verified(keys, &pt, aad) {
+                Ok(text) => Outcome::Convert(text),
+                Err(e) => Outcome::Fail(class, e.message()),
+            },
+            Err(e) => Outcome::Fail(class, e.message()),
+        }
+    };
+    match (mode, class) {
+        (Mode::MigrateFernet { .. } | Mode::Encrypt { .. }, Class::Mc1(_)) => Outcome::Already,
+        (Mode::MigrateFernet { source, .. }, Class::Fernet) => sealed(open_token(value, source)),
+        (Mode::MigrateFernet { .. }, Class::Plaintext) => Outcome::Fail(
+            class,
+            "not a Fernet token: plaintext or an unknown format".into(),
+        ),
+        (Mode::Encrypt { .. }, Class::Plaintext) => {
+            sealed(Ok(Zeroizing::new(value.as_bytes().to_vec())))
+        }
+        (Mode::Encrypt { .. }, Class::Fernet) => Outcome::Fail(
+            class,
+            "looks like a Fernet token; use migrate_fernet to convert it".into(),
+        ),
+        (Mode::Rewrap { .. }, Class::Mc1(id)) if id == keys.target_id => Outcome::Already,
+        (Mode::Rewrap { .. }, Class::Mc1(id)) if keys.ring_ids.contains(&id) => sealed(
+            envelope::from_text(value)
+                .map_err(McError::from)
+                .and_then(|bytes| crate::gcm::open_value(None, &bytes, aad)),
+        ),
+        (Mode::Rewrap { .. }, Class::Mc1(_)) => Outcome::OtherKeyring,
+        (Mode::Rewrap { .. }, _) => Outcome::Fail(class, "not a manna_crypt ciphertext".into()),
+        (_, Class::Malformed) => Outcome::Fail(
+            class,
+            "starts like a ciphertext or Fernet token but does not parse".into(),
+        ),
+    }
+}
+
+fn text_column(tbl: pg_sys::Oid, col: &str, what: &str) -> McResult<String> {
+    let ok = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped \
+           AND atttypid IN ('text'::regtype, 'varchar'::regtype, 'manna_crypt.encrypted_text'::regtype))",
+        &[tbl.into(), col.into()],
+    )?
+    .unwrap_or(false);
+    if !ok {
+        return Err(McError::BadArgument {
+            message: format!("{what} \"{col}\" is not a text column of the table"),
+            detail: None,
+            hint: Some("manna_crypt re-encrypts text, varchar and encrypted_text columns".into()),
+        });
+    }
+    Ok(spi_quote_ident(col))
+}
+
+fn spi_quote_ident(name: &str) -> String {
+    pgrx::spi::quote_identifier(name)
+}
+
+fn any_column(tbl: pg_sys::Oid, col: &str) -> McResult<String> {
+    let ok = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped)",
+        &[tbl.into(), col.into()],
+    )?
+    .unwrap_or(false);
+    if !ok {
+        return Err(McError::BadArgument {
+            message: format!("aad_column \"{col}\" does not exist in the table"),
+            detail: None,
+            hint: None,
+        });
+    }
+    Ok(spi_quote_ident(col))
+}
+
+fn batch_keys(mode: &Mode) -> McResult<Keys> {
+    let (target_id, target) = cache::active_key(mode.target())?;
+    let ring_ids = match mode {
+        Mode::Rewrap { keyring } => as_owner(|| {
+            Spi::connect(|client| {
+                let rows = client.select(
+                    "SELECT k.key_id FROM manna_crypt.data_keys k JOIN manna_crypt.keyrings r USING (keyring_id) WHERE r.name = $1",
+                    None,
+                    &[keyring.as_str().into()],
+                )?;
+                let mut ids = HashSet::new();
+                for r in rows {
+                    ids.insert(r.get::<i32>(1)?.unwrap_or(0) as u32);
+                }
+                Ok::<_, McError>(ids)
+            })
+        })?,
+        _ => HashSet::new(),
+    };
+    Ok(Keys {
+        target_id,
+        target,
+        ring_ids,
+    })
+}
+
+fn block_count(tbl: pg_sys::Oid) -> McResult<i64> {
+    Ok(Spi::get_one_with_args::<i64>(
+        "SELECT pg_catalog.pg_relation_size($1) / current_setting('block_size')::int8",
+        &[tbl.into()],
+    )?
+    .unwrap_or(0))
+}
+
+fn start(
+    mode: Mode,
+    tbl: PgRelation,
+    col: &str,
+    batch_size: i32,
+    aad_column: Option<&str>,
+    dry_run: bool,
+) -> McResult<i64> {
+    // SAFETY: IsTransactionBlock reads the current transaction state.
+    if unsafe { pg_sys::IsTransactionBlock() } {
+        return Err(McError::Usage {
+            code: PgSqlErrorCode::ERRCODE_ACTIVE_SQL_TRANSACTION,
+            message: format!("{} cannot run inside a transaction block", mode.name()),
+            hint: Some("it commits after every batch: CALL it outside BEGIN ... COMMIT (in Alembic, inside op.get_context().autocommit_block())".into()),
+        });
+    }
+    if !(1..=MAX_BATCH).contains(&batch_size) {
+        return Err(McError::BadArgument {
+            message: format!("batch_size must be between 1 and {MAX_BATCH}"),
+            detail: Some(format!("batch_size is {batch_size}")),
+            hint: None,
+        });
+    }
+    let oid = tbl.oid();
+    let col_sql = text_column(oid, col, "column")?;
+    let aad_sql = aad_column.map(|a| any_column(oid, a)).transpose()?;
+    let tbl_sql = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[oid.into()])?
+        .unwrap_or_default();
+    // Fail fast on keyring problems, before taking locks or writing anything.
+    if let Some(source) = mode.source() {
+        cache::fernet_keys(source)?;
+    }
+    batch_keys(&mode)?;
+
+    let lock_name = format!("manna_crypt:reencrypt:{}:{col}", oid.to_u32());
+    if !advisory::held_by_me(&lock_name) && !advisory::try_lock(&lock_name) {
+        let holder = advisory::holder(&lock_name);
+        return Err(McError::Usage {
+            code: PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+            message: format!("another re-encryption of {tbl_sql}.{col} is running"),
+            hint: Some(format!(
+                "wait for it to finish (backend pid {}); see manna_crypt.reencrypt_progress",
+                holder.unwrap_or(0)
+            )),
+        });
+    }
+
+    let (reltuples, relpages) = Spi::get_two_with_args::<f32, i32>(
+        "SELECT reltuples, relpages FROM pg_class WHERE oid = $1",
+        &[oid.into()],
+    )?;
+    let nblocks = block_count(oid)?.max(1);
+    let total_estimate = match reltuples {
+        Some(t) if t >= 0.0 && relpages.unwrap_or(0) > 0 => t as i64,
+        _ => Spi::get_one::<i64>(&format!("SELECT count(*) FROM {tbl_sql}"))?.unwrap_or(0),
+    };
+    let per_block = (total_estimate / nblocks).max(1);
+    let blocks_per_batch = (i64::from(batch_size) / per_block).max(1);
+
+    let role = caller();
+    let mut id = 0;
+    let mut next_block = 0;
+    let mut pass = 1;
+    if dry_run {
+        id = NEXT_DRY_HANDLE.with(|h| {
+            let v = h.get();
+            h.set(v - 1);
+            v
+        });
+    } else {
+        as_owner(|| {
+            registry::register(oid, col)?;
+            // A run that did not finish (its backend died: we hold the lock)
+            // is resumed where it stopped, if it asked for the same thing.
+            let unfinished = Spi::connect(|client| {
+                let mut rows = client.select(
+                    "SELECT run_id, mode, source_keyring, target_keyring, aad_column::text, next_block, pass \
+                       FROM manna_crypt.reencrypt_runs WHERE tbl = $1 AND col = $2 AND status = 'running' \
+                      ORDER BY run_id DESC LIMIT 1",
+                    None,
+                    &[oid.into(), col.into()],
+                )?;
+                Ok::<_, McError>(match rows.next() {
+                    Some(r) => Some((
+                        r.get::<i64>(1)?.unwrap_or(0),
+                        r.get::<String>(2)?.unwrap_or_default(),
+                        r.get::<String>(3)?,
+                        r.get::<String>(4)?.unwrap_or_default(),
+                        r.get::<String>(5)?,
+                        r.get::<i64>(6)?.unwrap_or(0),
+                        r.get::<i32>(7)?.unwrap_or(1),
+                    )),
+                    None => None,
+                })
+            })?;
+            if let Some((run_id, m, src, tgt, aad, nb, p)) = unfinished {
+                let same = m == mode.name()
+                    && src.as_deref() == mode.source()
+                    && tgt == mode.target()
+                    && aad.as_deref() == aad_column;
+                if same {
+                    notice!(
+                        "{}: resuming run {run_id} of {tbl_sql}.{col} at block {nb} (pass {p})",
+                        mode.name()
+                    );
+                    id = run_id;
+                    next_block = nb;
+                    pass = p;
+                    Spi::run_with_args(
+                        "UPDATE manna_crypt.reencrypt_runs SET pid = pg_backend_pid(), updated_at = now() WHERE run_id = $1",
+                        &[run_id.into()],
+                    )?;
+                } else {
+                    Spi::run_with_args(
+                        "UPDATE manna_crypt.reencrypt_runs SET status = 'abandoned', finished_at = now() WHERE run_id = $1",
+                        &[run_id.into()],
+                    )?;
+                }
+            }
+            if id == 0 {
+                id = Spi::get_one_with_args::<i64>(
+                    "INSERT INTO manna_crypt.reencrypt_runs (tbl, col, mode, source_keyring, target_keyring, batch_size, aad_column, pid, total_blocks, total_rows_estimate) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, pg_backend_pid(), $8, $9) RETURNING run_id",
+                    &[
+                        oid.into(),
+                        col.into(),
+                        mode.name().into(),
+                        mode.source().into(),
+                        mode.target().into(),
+                        batch_size.into(),
+                        aad_column.into(),
+                        nblocks.into(),
+                        total_estimate.into(),
+                    ],
+                )?
+                .unwrap_or(0);
+            }
+            audit(
+                &role,
+                &format!("{}_start", mode.name()),
+                Some(mode.target()),
+                None,
+                json!({ "run_id": id, "table": tbl_sql, "column": col, "source_keyring": mode.source(), "batch_size": batch_size, "aad_column": aad_column, "resumed_at_block": next_block }),
+            )
+        })?;
+    }
+    let run = Run {
+        id,
+        oid,
+        mode,
+        tbl_sql,
+        col: col.to_owned(),
+        col_sql,
+        aad_sql,
+        dry_run,
+        blocks_per_batch,
+        next_block,
+        pass,
+        pass_counts: Counts::default(),
+        converted_total: 0,
+        concurrent_total: 0,
+        total_estimate,
+        started: Instant::now(),
+        scanned_this_call: 0,
+        lock_name,
+    };
+    RUNS.with(|r| r.borrow_mut().insert(id, run));
+    Ok(id)
+}
+
+/// One batch. Returns whether more remains.
+fn step(handle: i64) -> McResult<bool> {
+    let mut run = RUNS
+        .with(|r| r.borrow_mut().remove(&handle))
+        .ok_or_else(|| {
+            McError::bad_arg(format!("no re-encryption run {handle} in this session"))
+        })?;
+    let result = step_run(&mut run);
+    RUNS.with(|r| r.borrow_mut().insert(handle, run));
+    result
+}
+
+fn step_run(run: &mut Run) -> McResult<bool> {
+    let nblocks = block_count(run.oid)?;
+    if run.next_block >= nblocks {
+        let another = !run.dry_run && run.pass_counts.converted > 0 && run.pass < MAX_PASSES;
+        if another {
+            run.pass += 1;
+            run.next_block = 0;
+            run.pass_counts = Counts::default();
+            notice!(
+                "{} {}.{}: pass {}: re-checking for rows that concurrent writers changed",
+                run.mode.name(),
+                run.tbl_sql,
+                run.col,
+                run.pass
+            );
+        }
+        return Ok(another);
+    }
+    let (b, e) = (run.next_block, run.next_block + run.blocks_per_batch);
+    let keys = batch_keys(&run.mode)?;
+    let aad_expr = run
+        .aad_sql
+        .as_deref()
+        .map(|a| format!("{a}::text"))
+        .unwrap_or_else(|| "NULL::text".into());
+    let query = format!(
+        "SELECT ctid::text, {col}::text, {aad_expr} FROM {tbl} WHERE ctid >= '({b},0)'::tid AND ctid < '({e},0)'::tid",
+        col = run.col_sql,
+        tbl = run.tbl_sql
+    );
+    let rows: Vec<(String, Option<String>, Option<String>)> = Spi::connect(|client| {
+        let rows = client.select(&query, None, &[])?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push((
+                r.get::<String>(1)?.unwrap_or_default(),
+                r.get::<String>(2)?,
+                r.get::<String>(3)?,
+            ));
+        }
+        Ok::<_, McError>(out)
+    })?;
+
+    let mut tids = Vec::new();
+    let mut olds = Vec::new();
+    let mut news = Vec::new();
+    let mut failures = Vec::new();
+    let counts = &mut run.pass_counts;
+    for (tid, value, aad) in &rows {
+        counts.scanned += 1;
+        match convert(
+            &run.mode,
+            &keys,
+            value.as_deref(),
+            aad.as_deref().unwrap_or("").as_bytes(),
+        ) {
+            Outcome::Null => counts.nulls += 1,
+            Outcome::Already => counts.already += 1,
+            Outcome::OtherKeyring => counts.other_keyring += 1,
+            Outcome::Convert(new) => {
+                tids.push(tid.clone());
+                olds.push(value.clone().unwrap_or_default());
+                news.push(new);
+            }
+            Outcome::Fail(class, reason) => {
+                counts.failed += 1;
+                failures.push((
+                    tid.clone(),
+                    aad.clone(),
+                    class.name(),
+                    value.as_ref().map_or(0, |v| v.len() as i64),
+                    reason,
+                ));
+            }
+        }
+    }
+    run.scanned_this_call += rows.len() as i64;
+    let attempted = tids.len() as i64;
+    let written = if run.dry_run || attempted == 0 {
+        attempted
+    } else {
+        let _no_bump = SuppressBump::new();
+        Spi::connect_mut(|client| {
+            let sql = format!(
+                "UPDATE {tbl} AS t SET {col} = v.new FROM unnest($1::text[]::tid[], $2::text[], $3::text[]) AS v(tid, old, new) \
+                 WHERE t.ctid = v.tid AND t.{col}::text = v.old",
+                tbl = run.tbl_sql,
+                col = run.col_sql
+            );
+            let status = client.update(&sql, None, &[tids.into(), olds.into(), news.into()])?;
+            Ok::<_, McError>(status.len() as i64)
+        })?
+    };
+    run.pass_counts.converted += written;
+    run.pass_counts.concurrent += attempted - written;
+    run.converted_total += written;
+    run.concurrent_total += attempted - written;
+    run.next_block = e;
+
+    let elapsed = run.started.elapsed().as_secs_f64().max(1e-6);
+    let rate = run.scanned_this_call as f64 / elapsed;
+    let blocks_left = (nblocks - run.next_block).max(0);
+    let eta = if run.next_block > 0 {
+        elapsed / run.next_block as f64 * blocks_left as f64
+    } else {
+        0.0
+    };
+    if !run.dry_run {
+        let (id, c, pass, next) = (run.id, run.pass_counts, run.pass, run.next_block);
+        let (conv_total, conc_total) = (run.converted_total, run.concurrent_total);
+        as_owner(|| {
+            for (tid, key, class, len, reason) in &failures {
+                Spi::run_with_args(
+                    "INSERT INTO manna_crypt.reencrypt_failures (run_id, row_ctid, row_key, value_class, value_length, reason) \
+                     VALUES ($1, $2::tid, $3, $4, $5, $6) ON CONFLICT (run_id, row_ctid) DO NOTHING",
+                    &[id.into(), tid.as_str().into(), key.clone().into(), (*class).into(), (*len).into(), reason.as_str().into()],
+                )?;
+            }
+            Spi::run_with_args(
+                "UPDATE manna_crypt.reencrypt_runs SET updated_at = now(), pass = $2, next_block = $3, total_blocks = $4, \
+                   scanned = $5, converted = $6, already = $7, nulls = $8, failed = $9, other_keyring = $10, \
+                   concurrent_changes = $11, rows_per_second = $12, eta_seconds = $13 WHERE run_id = $1",
+                &[
+                    id.into(),
+                    pass.into(),
+                    next.into(),
+                    nblocks.into(),
+                    c.scanned.into(),
+                    conv_total.into(),
+                    c.already.into(),
+                    c.nulls.into(),
+                    c.failed.into(),
+                    c.other_keyring.into(),
+                    conc_total.into(),
+                    rate.into(),
+                    eta.into(),
+                ],
+            )?;
+            Ok(())
+        })?;
+    }
+    let pct = (run.next_block.min(nblocks) as f64 / nblocks.max(1) as f64) * 100.0;
+    notice!(
+        "{}{} {}.{}: pass {}, {:.0}% of blocks, {}/~{} rows scanned, {} converted, {} failed, {:.0} rows/s, ETA {:.1} s",
+        if run.dry_run { "dry run: " } else { "" },
+        run.mode.name(),
+        run.tbl_sql,
+        run.col,
+        run.pass,
+        pct,
+        run.pass_counts.scanned,
+        run.total_estimate,
+        if run.dry_run { run.pass_counts.converted } else { run.converted_total },
+        run.pass_counts.failed,
+        rate,
+        eta
+    );
+    Ok(true)
+}
+
+fn finish(handle: i64) -> McResult<()> {
+    let run = RUNS
+        .with(|r| r.borrow_mut().remove(&handle))
+        .ok_or_else(|| {
+            McError::bad_arg(format!("no re-encryption run {handle} in this session"))
+        })?;
+    let c = run.pass_counts;
+    let secs = run.started.elapsed().as_secs_f64();
+    let summary = json!({
+        "run_id": run.id, "table": run.tbl_sql, "column": run.col, "passes": run.pass,
+        "converted": run.converted_total, "failed": c.failed, "already": c.already, "nulls": c.nulls,
+        "other_keyring": c.other_keyring, "concurrent_changes": run.concurrent_total, "seconds": secs,
+    });
+    if !run.dry_run {
+        let role = caller();
+        as_owner(|| {
+            Spi::run_with_args(
+                "UPDATE manna_crypt.reencrypt_runs SET status = 'done', finished_at = now(), updated_at = now(), eta_seconds = 0 WHERE run_id = $1",
+                &[run.id.into()],
+            )?;
+            audit(
+                &role,
+                &format!("{}_end", run.mode.name()),
+                Some(run.mode.target()),
+                None,
+                summary.clone(),
+            )
+        })?;
+    }
+    advisory::unlock_all(&run.lock_name);
+    if run.dry_run {
+        notice!(
+            "dry run: {} {}.{} would convert {} values; {} cannot be converted; {} already in target form; {} null; {} under other keyrings; nothing was written",
+            run.mode.name(),
+            run.tbl_sql,
+            run.col,
+            c.converted,
+            c.failed,
+            c.already,
+            c.nulls,
+            c.other_keyring
+        );
+    } else {
+        notice!(
+            "{} {}.{} done in {:.1} s ({} pass{}): {} converted, {} left untouched (see manna_crypt.reencrypt_failures, run {}), {} already in target form, {} null, {} under other keyrings, {} changed concurrently and left to their writers",
+            run.mode.name(),
+            run.tbl_sql,
+            run.col,
+            secs,
+            run.pass,
+            if run.pass == 1 { "" } else { "es" },
+            run.converted_total,
+            c.failed,
+            run.id,
+            c.already,
+            c.nulls,
+            c.other_keyring,
+            run.concurrent_total
+        );
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn _reencrypt_start(
+    mode: &str,
+    tbl: PgRelation,
+    col: &str,
+    source_keyring: Option<&str>,
+    target_keyring: &str,
+    batch_size: i32,
+    aad_column: Option<&str>,
+    dry_run: bool,
+) -> i64 {
+    let mode = match (mode, source_keyring) {
+        ("migrate_fernet", Some(source)) => Mode::MigrateFernet {
+            source: source.into(),
+            target: target_keyring.into(),
+        },
+        ("rewrap_column", _) => Mode::Rewrap {
+            keyring: target_keyring.into(),
+        },
+        ("encrypt_column", _) => Mode::Encrypt {
+            keyring: target_keyring.into(),
+        },
+        _ => McError::bad_arg("fernet_keyring must not be null").raise(),
+    };
+    start(mode, tbl, col, batch_size, aad_column, dry_run).or_raise()
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn _reencrypt_step(handle: i64) -> bool {
+    step(handle).or_raise()
+}
+
+#[pg_extern(volatile, parallel_unsafe)]
+fn _reencrypt_finish(handle: i64) {
+    finish(handle).or_raise()
+}
