@@ -104,6 +104,10 @@ struct Run {
     dry_run: bool,
     blocks_per_batch: i64,
     next_block: i64,
+    /// The table's size when the pass started: rows appended later (our own
+    /// new versions among them) belong to the next pass.
+    pass_end_block: i64,
+    pass_started: Instant,
     pass: i32,
     /// This pass only; a new pass starts from zero.
     pass_counts: Counts,
@@ -190,6 +194,18 @@ fn convert(mode: &Mode, keys: &Keys, value: Option<&str>, aad: &[u8]) -> Outcome
         (_, Class::Malformed) => Outcome::Fail(
             class,
             "starts like a ciphertext or Fernet token but does not parse".into(),
+        ),
+    }
+}
+
+/// SQL predicate: the value is already in the form the run produces. Must
+/// agree with [`convert`]: anything it selects, `convert` can judge.
+fn target_form_sql(mode: &Mode, col: &str, active_key_id: u32) -> String {
+    match mode {
+        // Any manna_crypt ciphertext is done for these two.
+        Mode::MigrateFernet { .. } | Mode::Encrypt { .. } => format!("manna_crypt.is_encrypted({col}::text)"),
+        Mode::Rewrap { .. } => format!(
+            "manna_crypt.is_encrypted({col}::text) AND manna_crypt.key_id({col}::text) = {active_key_id}"
         ),
     }
 }
@@ -422,6 +438,8 @@ fn start(
         dry_run,
         blocks_per_batch,
         next_block,
+        pass_end_block: nblocks,
+        pass_started: Instant::now(),
         pass,
         pass_counts: Counts::default(),
         converted_total: 0,
@@ -448,12 +466,13 @@ fn step(handle: i64) -> McResult<bool> {
 }
 
 fn step_run(run: &mut Run) -> McResult<bool> {
-    let nblocks = block_count(run.oid)?;
-    if run.next_block >= nblocks {
+    if run.next_block >= run.pass_end_block {
         let another = !run.dry_run && run.pass_counts.converted > 0 && run.pass < MAX_PASSES;
         if another {
             run.pass += 1;
             run.next_block = 0;
+            run.pass_end_block = block_count(run.oid)?;
+            run.pass_started = Instant::now();
             run.pass_counts = Counts::default();
             notice!(
                 "{} {}.{}: pass {}: re-checking for rows that concurrent writers changed",
@@ -465,17 +484,25 @@ fn step_run(run: &mut Run) -> McResult<bool> {
         }
         return Ok(another);
     }
-    let (b, e) = (run.next_block, run.next_block + run.blocks_per_batch);
+    let nblocks = run.pass_end_block;
+    let (b, e) = (
+        run.next_block,
+        (run.next_block + run.blocks_per_batch).min(nblocks),
+    );
     let keys = batch_keys(&run.mode)?;
     let aad_expr = run
         .aad_sql
         .as_deref()
         .map(|a| format!("{a}::text"))
         .unwrap_or_else(|| "NULL::text".into());
+    // Only candidates cross into Rust: NULLs and values already in the
+    // target form are filtered by the scan itself.
     let query = format!(
-        "SELECT ctid::text, {col}::text, {aad_expr} FROM {tbl} WHERE ctid >= '({b},0)'::tid AND ctid < '({e},0)'::tid",
+        "SELECT ctid::text, {col}::text, {aad_expr} FROM {tbl} \
+          WHERE ctid >= '({b},0)'::tid AND ctid < '({e},0)'::tid AND {col} IS NOT NULL AND NOT ({done})",
         col = run.col_sql,
-        tbl = run.tbl_sql
+        tbl = run.tbl_sql,
+        done = target_form_sql(&run.mode, &run.col_sql, keys.target_id),
     );
     let rows: Vec<(String, Option<String>, Option<String>)> = Spi::connect(|client| {
         let rows = client.select(&query, None, &[])?;
@@ -567,8 +594,8 @@ fn step_run(run: &mut Run) -> McResult<bool> {
             }
             Spi::run_with_args(
                 "UPDATE manna_crypt.reencrypt_runs SET updated_at = now(), pass = $2, next_block = $3, total_blocks = $4, \
-                   scanned = $5, converted = $6, already = $7, nulls = $8, failed = $9, other_keyring = $10, \
-                   concurrent_changes = $11, rows_per_second = $12, eta_seconds = $13 WHERE run_id = $1",
+                   scanned = $5, converted = $6, failed = $7, other_keyring = $8, \
+                   concurrent_changes = $9, rows_per_second = $10, eta_seconds = $11 WHERE run_id = $1",
                 &[
                     id.into(),
                     pass.into(),
@@ -576,8 +603,6 @@ fn step_run(run: &mut Run) -> McResult<bool> {
                     nblocks.into(),
                     c.scanned.into(),
                     conv_total.into(),
-                    c.already.into(),
-                    c.nulls.into(),
                     c.failed.into(),
                     c.other_keyring.into(),
                     conc_total.into(),
@@ -590,15 +615,15 @@ fn step_run(run: &mut Run) -> McResult<bool> {
     }
     let pct = (run.next_block.min(nblocks) as f64 / nblocks.max(1) as f64) * 100.0;
     notice!(
-        "{}{} {}.{}: pass {}, {:.0}% of blocks, {}/~{} rows scanned, {} converted, {} failed, {:.0} rows/s, ETA {:.1} s",
+        "{}{} {}.{}: pass {}, {:.0}% of ~{} rows, {} to convert seen, {} converted, {} failed, {:.0} rows/s, ETA {:.1} s",
         if run.dry_run { "dry run: " } else { "" },
         run.mode.name(),
         run.tbl_sql,
         run.col,
         run.pass,
         pct,
-        run.pass_counts.scanned,
         run.total_estimate,
+        run.pass_counts.scanned,
         if run.dry_run { run.pass_counts.converted } else { run.converted_total },
         run.pass_counts.failed,
         rate,
@@ -613,7 +638,18 @@ fn finish(handle: i64) -> McResult<()> {
         .ok_or_else(|| {
             McError::bad_arg(format!("no re-encryption run {handle} in this session"))
         })?;
-    let c = run.pass_counts;
+    let mut c = run.pass_counts;
+    let active = cache::active_key(run.mode.target())
+        .map(|(id, _)| id)
+        .unwrap_or(0);
+    let (nulls, already) = Spi::get_two::<i64, i64>(&format!(
+        "SELECT count(*) FILTER (WHERE {col} IS NULL), count(*) FILTER (WHERE {col} IS NOT NULL AND ({done})) FROM {tbl}",
+        col = run.col_sql,
+        tbl = run.tbl_sql,
+        done = target_form_sql(&run.mode, &run.col_sql, active),
+    ))?;
+    c.nulls = nulls.unwrap_or(0);
+    c.already = already.unwrap_or(0);
     let secs = run.started.elapsed().as_secs_f64();
     let summary = json!({
         "run_id": run.id, "table": run.tbl_sql, "column": run.col, "passes": run.pass,
@@ -624,8 +660,9 @@ fn finish(handle: i64) -> McResult<()> {
         let role = caller();
         as_owner(|| {
             Spi::run_with_args(
-                "UPDATE manna_crypt.reencrypt_runs SET status = 'done', finished_at = now(), updated_at = now(), eta_seconds = 0 WHERE run_id = $1",
-                &[run.id.into()],
+                "UPDATE manna_crypt.reencrypt_runs SET status = 'done', finished_at = now(), updated_at = now(), eta_seconds = 0, \
+                   already = $2, nulls = $3 WHERE run_id = $1",
+                &[run.id.into(), c.already.into(), c.nulls.into()],
             )?;
             audit(
                 &role,
