@@ -36,7 +36,7 @@ thread_local! {
 }
 
 pub fn next_nonce() -> [u8; 12] {
-    NONCES.with(|n| n.borrow_mut().next())
+    NONCES.with(|n| n.borrow_mut().draw())
 }
 
 /// Where the key for an operation comes from.

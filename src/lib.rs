@@ -49,9 +49,13 @@ pub extern "C-unwind" fn _PG_init() {
     keys::cache::register_callback();
 }
 
+// The backend tests live in src/tests.rs; `#[pg_schema]` needs an inline
+// module, so the file is included into one.
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
-mod tests;
+mod tests {
+    include!("tests.rs");
+}
 
 /// Required by `cargo pgrx test`.
 #[cfg(test)]

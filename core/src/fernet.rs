@@ -101,7 +101,7 @@ impl Token {
         if raw.len() < MIN_TOKEN_BYTES {
             return Err(FernetError::Malformed("token is too short"));
         }
-        if (raw.len() - HEADER_LEN - MAC_LEN) % BLOCK != 0 {
+        if !(raw.len() - HEADER_LEN - MAC_LEN).is_multiple_of(BLOCK) {
             return Err(FernetError::Malformed(
                 "token ciphertext is not a whole number of AES blocks",
             ));

@@ -38,7 +38,7 @@ pub fn wrap(root: &Key32, key_id: u32, data_key: &Key32, nonces: &mut NonceSourc
     let sealed = aead::seal(
         &Cipher::new(root),
         0,
-        nonces.next(),
+        nonces.draw(),
         &wrap_aad(key_id),
         data_key.as_bytes(),
     );

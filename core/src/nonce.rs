@@ -32,7 +32,7 @@ impl NonceSource {
         }
     }
 
-    pub fn next(&mut self) -> [u8; NONCE_LEN] {
+    pub fn draw(&mut self) -> [u8; NONCE_LEN] {
         let pid = std::process::id();
         let fresh = match &self.rng {
             Some((seeded_in, _)) => *seeded_in != pid || self.drawn >= RESEED_EVERY,
@@ -68,33 +68,33 @@ mod tests {
     #[test]
     fn nonces_do_not_repeat() {
         let mut src = NonceSource::new();
-        let seen: HashSet<[u8; 12]> = (0..100_000).map(|_| src.next()).collect();
+        let seen: HashSet<[u8; 12]> = (0..100_000).map(|_| src.draw()).collect();
         assert_eq!(seen.len(), 100_000);
     }
 
     #[test]
     fn two_sources_differ() {
-        assert_ne!(NonceSource::new().next(), NonceSource::new().next());
+        assert_ne!(NonceSource::new().draw(), NonceSource::new().draw());
     }
 
     #[test]
     fn reseeds_after_the_bound() {
         let mut src = NonceSource::new();
-        src.next();
+        src.draw();
         src.drawn = RESEED_EVERY;
-        src.next();
+        src.draw();
         assert_eq!(src.drawn, 1);
     }
 
     #[test]
     fn reseeds_in_another_process() {
         let mut src = NonceSource::new();
-        src.next();
+        src.draw();
         // Pretend the state was inherited from a parent process.
         if let Some((pid, _)) = src.rng.as_mut() {
             *pid = pid.wrapping_add(1);
         }
-        src.next();
+        src.draw();
         assert_eq!(src.rng.as_ref().unwrap().0, std::process::id());
         assert_eq!(src.drawn, 1);
     }

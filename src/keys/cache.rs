@@ -365,29 +365,31 @@ pub fn fernet_keys(keyring: &str) -> McResult<Rc<Vec<(u32, FernetKey)>>> {
     ring_lookup(keyring, answer)
 }
 
+/// kind, key id, status, wrapped key.
+type RingRow = (String, Option<i64>, Option<String>, Option<Vec<u8>>);
+
 fn load_ring(keyring: &str) -> McResult<RingEntry> {
     resolve_data_keys_oid()?;
-    let rows: Vec<(String, Option<i64>, Option<String>, Option<Vec<u8>>)> =
-        Spi::connect(|client| {
-            let rows = client.select(
-                "SELECT r.kind, k.key_id::int8, k.status, k.wrapped FROM manna_crypt.keyrings r \
+    let rows: Vec<RingRow> = Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT r.kind, k.key_id::int8, k.status, k.wrapped FROM manna_crypt.keyrings r \
              LEFT JOIN manna_crypt.data_keys k ON k.keyring_id = r.keyring_id \
                   AND k.status IN ('active', 'decrypt_only') \
              WHERE r.name = $1 ORDER BY k.version DESC",
-                None,
-                &[keyring.into()],
-            )?;
-            let mut out = Vec::new();
-            for r in rows {
-                out.push((
-                    r.get::<String>(1)?.unwrap_or_default(),
-                    r.get::<i64>(2)?,
-                    r.get::<String>(3)?,
-                    r.get::<Vec<u8>>(4)?,
-                ));
-            }
-            Ok::<_, McError>(out)
-        })?;
+            None,
+            &[keyring.into()],
+        )?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push((
+                r.get::<String>(1)?.unwrap_or_default(),
+                r.get::<i64>(2)?,
+                r.get::<String>(3)?,
+                r.get::<Vec<u8>>(4)?,
+            ));
+        }
+        Ok::<_, McError>(out)
+    })?;
     let Some(first) = rows.first() else {
         return Ok(RingEntry::Missing);
     };

@@ -128,8 +128,11 @@ fn configured(which: Which) -> McResult<Option<Source>> {
     }
 }
 
+/// The loaded current and previous root keys, with the setting each came from.
+type Loaded = [Option<(Source, Rc<RootKey>)>; 2];
+
 thread_local! {
-    static LOADED: RefCell<[Option<(Source, Rc<RootKey>)>; 2]> = const { RefCell::new([None, None]) };
+    static LOADED: RefCell<Loaded> = const { RefCell::new([None, None]) };
 }
 
 /// The root key for `which`, or `None` when it is not configured.

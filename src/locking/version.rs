@@ -88,6 +88,14 @@ fn to_datum(kind: &IntKind, v: i64, table: &str, col: &str) -> pg_sys::Datum {
     }
 }
 
+fn bumped(version: i64, table: &str, col: &str) -> Result<i64, McError> {
+    version.checked_add(1).ok_or_else(|| McError::BadArgument {
+        message: format!("version column \"{col}\" of table \"{table}\" overflowed"),
+        detail: None,
+        hint: None,
+    })
+}
+
 #[pg_trigger]
 fn version_bump<'a>(
     trigger: &'a PgTrigger<'a>,
@@ -185,7 +193,7 @@ fn bump<'a>(
                     if SUPPRESS.with(Cell::get) > 0 {
                         None
                     } else {
-                        Some(o.checked_add(1).unwrap_or(i64::MAX))
+                        Some(bumped(o, &table, col)?)
                     }
                 }
                 (Some(o), Some(n)) if Some(n) == o.checked_add(1) => None,
@@ -194,7 +202,7 @@ fn bump<'a>(
                 (None, None) => Some(1),
                 (None, Some(_)) => None,
                 // Setting the version to NULL asserts nothing: a plain update.
-                (Some(o), None) => Some(o.checked_add(1).unwrap_or(i64::MAX)),
+                (Some(o), None) => Some(bumped(o, &table, col)?),
                 (Some(o), Some(n)) => {
                     return Err(McError::StaleVersion {
                         table,
