@@ -48,7 +48,9 @@ cluster_start() {
             echo "shared_buffers = 256MB"
             echo "fsync = off"
             echo "manna_crypt.root_key_file = '$dir/keys/root.key'"
-            echo "shared_preload_libraries = 'pg_stat_statements'"
+            # Preloading manna_crypt registers its settings at server start,
+            # so they are superuser-only from the first session on.
+            echo "shared_preload_libraries = 'pg_stat_statements,manna_crypt'"
             for line in "$@"; do echo "$line"; done
         } | as_pg tee -a "$dir/data/postgresql.conf" >/dev/null
     fi

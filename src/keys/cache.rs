@@ -77,8 +77,6 @@ enum RingEntry {
 struct State {
     by_id: HashMap<u32, KeyEntry>,
     rings: HashMap<String, RingEntry>,
-    /// The root key that opens the stored data keys, once checked.
-    root: Option<Rc<RootKey>>,
 }
 
 thread_local! {
@@ -188,11 +186,11 @@ fn stored_check() -> McResult<Option<(Vec<u8>, String)>> {
 /// matches the stored check value, else the previous one if that matches
 /// (a root-key rotation in progress), else F0000. With no check value stored
 /// yet (no keys created), the current root key. Must run as owner.
+///
+/// Decided afresh on every cache miss (a query and an HMAC; misses are
+/// rare), so a reloaded configuration or a finished `rewrap_keys()` is never
+/// judged against a stale choice.
 pub fn effective_root() -> McResult<Rc<RootKey>> {
-    check_stale();
-    if let Some(root) = STATE.with(|s| s.borrow().root.clone()) {
-        return Ok(root);
-    }
     let current = rootkey::current()?;
     let chosen = match stored_check()? {
         None => current,
@@ -209,7 +207,6 @@ pub fn effective_root() -> McResult<Rc<RootKey>> {
             }
         },
     };
-    STATE.with(|s| s.borrow_mut().root = Some(chosen.clone()));
     Ok(chosen)
 }
 

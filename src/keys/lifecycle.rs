@@ -82,13 +82,38 @@ pub fn audit(
 
 /// The root key new data keys are wrapped under. The first time keys are
 /// created, stores the root key's check value.
+///
+/// Holds a share lock on the check value row until commit, and
+/// `rewrap_keys()` updates that row before it reads the keys: so a key
+/// created concurrently with a root-key rotation is either seen (and
+/// re-wrapped) by the rotation, or created after it, under the new root key.
 fn root_for_new_keys() -> McResult<std::rc::Rc<RootKey>> {
     let root = cache::effective_root()?;
     Spi::run_with_args(
         "INSERT INTO manna_crypt.root_key_check (check_value, fingerprint) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         &[keywrap::check_value(&root.key).to_vec().into(), root.fingerprint.clone().into()],
     )?;
-    Ok(root)
+    let locked = write_one::<Vec<u8>>(
+        "SELECT check_value FROM manna_crypt.root_key_check FOR SHARE",
+        &[],
+    )?
+    .unwrap_or_default();
+    if keywrap::matches_check_value(&root.key, &locked) {
+        return Ok(root);
+    }
+    // A rewrap_keys() committed while we waited for the lock: the keys are
+    // now under another root key. Look again with a fresh snapshot.
+    cache::clear();
+    let root = cache::effective_root()?;
+    if keywrap::matches_check_value(&root.key, &locked) {
+        Ok(root)
+    } else {
+        Err(McError::WrongState {
+            message: "the root key changed during this transaction".into(),
+            detail: Some("manna_crypt.rewrap_keys() ran concurrently".into()),
+            hint: Some("retry the transaction".into()),
+        })
+    }
 }
 
 /// Generates, wraps and stores a new data key. Returns its key id.
@@ -424,6 +449,13 @@ fn rewrap_keys() -> i32 {
             notice!("all data keys are already wrapped under the current root key ({})", current.fingerprint);
             return Ok(0);
         }
+        // The check value first: this row lock orders us after any
+        // transaction that is creating a key (see root_for_new_keys), so the
+        // select below sees its key.
+        Spi::run_with_args(
+            "UPDATE manna_crypt.root_key_check SET check_value = $1, fingerprint = $2, created_at = now()",
+            &[keywrap::check_value(&current.key).to_vec().into(), current.fingerprint.clone().into()],
+        )?;
         // `update`, not `select`: a read-only SPI query cannot lock rows, and
         // SPI runs read-only until the transaction has a transaction id.
         let rows: Vec<(i32, Vec<u8>)> = Spi::connect_mut(|client| {
@@ -449,10 +481,6 @@ fn rewrap_keys() -> i32 {
                 &[(*key_id).into(), rewrapped.into(), current.fingerprint.clone().into()],
             )?;
         }
-        Spi::run_with_args(
-            "UPDATE manna_crypt.root_key_check SET check_value = $1, fingerprint = $2, created_at = now()",
-            &[keywrap::check_value(&current.key).to_vec().into(), current.fingerprint.clone().into()],
-        )?;
         audit(&role, "rewrap_keys", None, None, json!({ "from_root": from.fingerprint, "to_root": current.fingerprint, "keys": rows.len() }))?;
         cache::clear();
         Ok(rows.len() as i32)
