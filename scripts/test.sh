@@ -48,7 +48,7 @@ tests=$(cd tests/pg_regress/sql && ls *.sql | sed 's/\.sql$//' | sort)
 PGXS=$(dirname "$("$PG_CONFIG" --pgxs)")
 "$PGXS/../test/regress/pg_regress" \
     --inputdir=tests/pg_regress --outputdir="$REGRESS_OUT" \
-    --host="$CLUSTER" --port="$PORT" --use-existing --dbname=mc_regress \
+    --host="$CLUSTER" --port="$PORT" --dbname=mc_regress \
     --bindir="$(pg_bindir)" $tests \
     || { cat "$REGRESS_OUT/regression.diffs" 2>/dev/null | head -n 200; die "pg_regress failed"; }
 
@@ -61,4 +61,4 @@ if [ ! -x "$VENV/bin/pytest" ] || [ tests/python/requirements.txt -nt "$VENV/bin
     touch "$VENV/bin/pytest"
 fi
 MC_PGHOST="$CLUSTER" MC_PGPORT="$PORT" MC_CLUSTER_DIR="$CLUSTER" MC_ROOT="$MC_ROOT" \
-    "$VENV/bin/pytest" -q -p no:cacheprovider tests/python "$@"
+    "$VENV/bin/pytest" -q --tb=short -p no:cacheprovider tests/python "$@"

@@ -99,7 +99,9 @@ GRANT EXECUTE ON FUNCTION
     manna_crypt.column_status(regclass, name),
     manna_crypt._reencrypt_start(text, regclass, text, text, text, integer, text, boolean),
     manna_crypt._reencrypt_step(bigint),
-    manna_crypt._reencrypt_finish(bigint)
+    manna_crypt._reencrypt_finish(bigint),
+    manna_crypt._reencrypt_row(tid, text, text),
+    manna_crypt._reencrypt_value()
   TO manna_crypt_admin;
 GRANT EXECUTE ON PROCEDURE
     manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean),
@@ -172,3 +174,5 @@ COMMENT ON PROCEDURE manna_crypt.encrypt_column(regclass, name, text, integer, n
 COMMENT ON TABLE manna_crypt.reencrypt_runs IS 're-encryption runs and their progress, updated in each batch''s transaction';
 COMMENT ON TABLE manna_crypt.reencrypt_failures IS 'rows a run left untouched, with the reason (never the value)';
 COMMENT ON VIEW manna_crypt.reencrypt_progress IS 're-encryption progress, readable while a run is going on';
+COMMENT ON FUNCTION manna_crypt._reencrypt_row(tid, text, text) IS 'internal: convert one row inside a re-encryption batch, or record why not';
+COMMENT ON FUNCTION manna_crypt._reencrypt_value() IS 'internal: the value _reencrypt_row produced for the row being updated';

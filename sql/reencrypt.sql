@@ -25,7 +25,6 @@ CREATE TABLE manna_crypt.reencrypt_runs (
     nulls               bigint NOT NULL DEFAULT 0,
     failed              bigint NOT NULL DEFAULT 0,
     other_keyring       bigint NOT NULL DEFAULT 0,
-    concurrent_changes  bigint NOT NULL DEFAULT 0,
     rows_per_second     double precision,
     eta_seconds         double precision
 );
@@ -45,7 +44,7 @@ CREATE TABLE manna_crypt.reencrypt_failures (
 CREATE VIEW manna_crypt.reencrypt_progress AS
 SELECT run_id, tbl, col, mode, status, pass, pid,
        round(100.0 * least(next_block, coalesce(total_blocks, next_block)) / greatest(coalesce(total_blocks, 1), 1), 1) AS percent_of_pass,
-       scanned, converted, failed, already, nulls, concurrent_changes,
+       scanned, converted, failed, already, nulls, other_keyring,
        round(rows_per_second::numeric) AS rows_per_second,
        round(eta_seconds::numeric, 1) AS eta_seconds,
        started_at, updated_at, finished_at

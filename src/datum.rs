@@ -26,6 +26,12 @@ unsafe impl BoxRet for EncryptedText {
     }
 }
 
+/// Whether bytes can be a PostgreSQL `text` value: UTF-8 without NUL (a
+/// NUL would silently truncate the value).
+pub fn is_text(bytes: &[u8]) -> bool {
+    !bytes.contains(&0) && std::str::from_utf8(bytes).is_ok()
+}
+
 /// Decrypted UTF-8 plaintext, wiped on drop.
 pub struct SecretText(pub Zeroizing<Vec<u8>>);
 
@@ -45,12 +51,10 @@ unsafe impl BoxRet for SecretText {
 }
 
 impl SecretText {
-    /// `None` when the bytes are not UTF-8 (a bytea encrypted and then read
-    /// back as text).
+    /// `None` when the bytes cannot be text: not UTF-8 (a bytea encrypted
+    /// and then read back as text) or containing NUL.
     pub fn from_utf8(bytes: Zeroizing<Vec<u8>>) -> Option<Self> {
-        std::str::from_utf8(&bytes)
-            .is_ok()
-            .then_some(SecretText(bytes))
+        is_text(&bytes).then_some(SecretText(bytes))
     }
 }
 

@@ -123,8 +123,8 @@ impl McError {
                 Some("reread the row and retry the update".into()),
             ),
             McError::NotUtf8 => (
-                "decrypted value is not valid UTF-8 text".into(),
-                Some("the value authenticated, but its plaintext is binary".into()),
+                "decrypted value is not valid text".into(),
+                Some("the value authenticated, but its plaintext is not UTF-8 or contains a NUL byte".into()),
                 Some("use the bytea form: decrypt_gcm(decode(substr(ciphertext, 5), 'base64'), ...)".into()),
             ),
             McError::Internal(message) => (message, None, None),

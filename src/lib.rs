@@ -38,6 +38,8 @@ extension_sql_file!(
         reencrypt::engine::_reencrypt_start,
         reencrypt::engine::_reencrypt_step,
         reencrypt::engine::_reencrypt_finish,
+        reencrypt::engine::_reencrypt_row,
+        reencrypt::engine::_reencrypt_value,
         reencrypt::classify::value_class
     ]
 );

@@ -98,13 +98,16 @@ impl Token {
                 "token does not start with the Fernet version byte 0x80",
             ));
         }
-        if raw.len() < MIN_TOKEN_BYTES {
+        if raw.len() < HEADER_LEN + MAC_LEN {
             return Err(FernetError::Malformed("token is too short"));
         }
         if !(raw.len() - HEADER_LEN - MAC_LEN).is_multiple_of(BLOCK) {
             return Err(FernetError::Malformed(
                 "token ciphertext is not a whole number of AES blocks",
             ));
+        }
+        if raw.len() < MIN_TOKEN_BYTES {
+            return Err(FernetError::Malformed("token has no ciphertext block"));
         }
         Ok(Token { raw })
     }

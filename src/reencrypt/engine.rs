@@ -12,16 +12,19 @@
 //! its own pages. Safety, per row:
 //! - the new value is sealed, then opened again and compared with the
 //!   plaintext before it may be written;
-//! - the write is a compare-and-set: `WHERE ctid = <read ctid> AND col =
-//!   <read value>`; a row a concurrent transaction changed after the batch
-//!   read it is left to that writer (counted, and picked up by the next pass);
+//! - each batch is one UPDATE whose WHERE clause converts the row it is
+//!   looking at (`_reencrypt_row`) and whose SET writes that conversion
+//!   (`_reencrypt_value`): under READ COMMITTED, a row a concurrent
+//!   transaction changes is re-read after that writer commits and converted
+//!   from the writer's value, so no write is ever lost or undone;
 //! - rows that cannot be converted are left untouched, counted and recorded
 //!   in `manna_crypt.reencrypt_failures` (never with their value);
 //! - the optimistic-locking version is not bumped (see
 //!   [`crate::locking::version::SuppressBump`]).
 //!
 //! After a pass that converted anything, another pass re-checks the table
-//! (rows that concurrent writers put back into an old form), up to
+//! (a writer may put a row back into an old form in a block the pass has
+//! already left), up to
 //! [`MAX_PASSES`]. One run per (table, column) at a time: a named advisory
 //! session lock.
 
@@ -90,7 +93,6 @@ struct Counts {
     nulls: i64,
     failed: i64,
     other_keyring: i64,
-    concurrent: i64,
 }
 
 struct Run {
@@ -112,7 +114,6 @@ struct Run {
     /// This pass only; a new pass starts from zero.
     pass_counts: Counts,
     converted_total: i64,
-    concurrent_total: i64,
     total_estimate: i64,
     started: Instant,
     scanned_this_call: i64,
@@ -158,9 +159,9 @@ fn convert(mode: &Mode, keys: &Keys, value: Option<&str>, aad: &[u8]) -> Outcome
     let class = classify(value);
     let sealed = |pt: McResult<Zeroizing<Vec<u8>>>| -> Outcome {
         match pt {
-            Ok(pt) if std::str::from_utf8(&pt).is_err() => Outcome::Fail(
+            Ok(pt) if !crate::datum::is_text(&pt) => Outcome::Fail(
                 class,
-                "plaintext is not UTF-8 text; a text column cannot hold it".into(),
+                "plaintext is not UTF-8 text or contains a NUL byte; decrypt_gcm could not return it as text".into(),
             ),
             Ok(pt) => match seal_verified(keys, &pt, aad) {
                 Ok(text) => Outcome::Convert(text),
@@ -443,7 +444,6 @@ fn start(
         pass,
         pass_counts: Counts::default(),
         converted_total: 0,
-        concurrent_total: 0,
         total_estimate,
         started: Instant::now(),
         scanned_this_call: 0,
@@ -495,107 +495,93 @@ fn step_run(run: &mut Run) -> McResult<bool> {
         .as_deref()
         .map(|a| format!("{a}::text"))
         .unwrap_or_else(|| "NULL::text".into());
-    // Only candidates cross into Rust: NULLs and values already in the
-    // target form are filtered by the scan itself.
-    let query = format!(
-        "SELECT ctid::text, {col}::text, {aad_expr} FROM {tbl} \
-          WHERE ctid >= '({b},0)'::tid AND ctid < '({e},0)'::tid AND {col} IS NOT NULL AND NOT ({done})",
-        col = run.col_sql,
-        tbl = run.tbl_sql,
-        done = target_form_sql(&run.mode, &run.col_sql, keys.target_id),
+    BATCH.with(|c| {
+        *c.borrow_mut() = Some(Batch {
+            mode: run.mode.clone(),
+            keys,
+            counts: Counts::default(),
+            failures: Vec::new(),
+            pending: None,
+        })
+    });
+    // One statement per batch: the scan evaluates `_reencrypt_row` on each
+    // candidate, which converts it (or records a failure and returns false),
+    // and the SET takes the value it just produced. Under READ COMMITTED a
+    // row that a concurrent transaction changes is re-read once that writer
+    // commits and converted from the writer's value: it is never
+    // overwritten with a conversion of the value it replaced.
+    let qual = format!(
+        "ctid >= '({b},0)'::tid AND ctid < '({e},0)'::tid AND {col} IS NOT NULL \
+         AND manna_crypt._reencrypt_row(ctid, {col}::text, {aad_expr})",
+        col = run.col_sql
     );
-    let rows: Vec<(String, Option<String>, Option<String>)> = Spi::connect(|client| {
-        let rows = client.select(&query, None, &[])?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            out.push((
-                r.get::<String>(1)?.unwrap_or_default(),
-                r.get::<String>(2)?,
-                r.get::<String>(3)?,
-            ));
-        }
-        Ok::<_, McError>(out)
-    })?;
-
-    let mut tids = Vec::new();
-    let mut olds = Vec::new();
-    let mut news = Vec::new();
-    let mut failures = Vec::new();
-    let counts = &mut run.pass_counts;
-    for (tid, value, aad) in &rows {
-        counts.scanned += 1;
-        match convert(
-            &run.mode,
-            &keys,
-            value.as_deref(),
-            aad.as_deref().unwrap_or("").as_bytes(),
-        ) {
-            Outcome::Null => counts.nulls += 1,
-            Outcome::Already => counts.already += 1,
-            Outcome::OtherKeyring => counts.other_keyring += 1,
-            Outcome::Convert(new) => {
-                tids.push(tid.clone());
-                olds.push(value.clone().unwrap_or_default());
-                news.push(new);
-            }
-            Outcome::Fail(class, reason) => {
-                counts.failed += 1;
-                failures.push((
-                    tid.clone(),
-                    aad.clone(),
-                    class.name(),
-                    value.as_ref().map_or(0, |v| v.len() as i64),
-                    reason,
-                ));
-            }
-        }
-    }
-    run.scanned_this_call += rows.len() as i64;
-    let attempted = tids.len() as i64;
-    let written = if run.dry_run || attempted == 0 {
-        attempted
+    let result = if run.dry_run {
+        Spi::connect(|client| {
+            let rows = client.select(
+                &format!("SELECT count(*) FROM {} WHERE {qual}", run.tbl_sql),
+                None,
+                &[],
+            )?;
+            Ok::<_, McError>(rows.first().get_one::<i64>()?.unwrap_or(0))
+        })
     } else {
         let _no_bump = SuppressBump::new();
         Spi::connect_mut(|client| {
             let sql = format!(
-                "UPDATE {tbl} AS t SET {col} = v.new FROM unnest($1::text[]::tid[], $2::text[], $3::text[]) AS v(tid, old, new) \
-                 WHERE t.ctid = v.tid AND t.{col}::text = v.old",
+                "UPDATE {tbl} SET {col} = manna_crypt._reencrypt_value() WHERE {qual}",
                 tbl = run.tbl_sql,
                 col = run.col_sql
             );
-            let status = client.update(&sql, None, &[tids.into(), olds.into(), news.into()])?;
-            Ok::<_, McError>(status.len() as i64)
-        })?
+            Ok::<_, McError>(client.update(&sql, None, &[])?.len() as i64)
+        })
     };
+    let batch = BATCH.with(|c| c.borrow_mut().take());
+    let written = result?;
+    let batch = batch.ok_or_else(|| McError::Internal("re-encryption batch state lost".into()))?;
+    run.pass_counts.scanned += batch.counts.scanned;
+    run.pass_counts.failed += batch.counts.failed;
+    run.pass_counts.other_keyring += batch.counts.other_keyring;
     run.pass_counts.converted += written;
-    run.pass_counts.concurrent += attempted - written;
     run.converted_total += written;
-    run.concurrent_total += attempted - written;
+    run.scanned_this_call += batch.counts.scanned;
     run.next_block = e;
 
     let elapsed = run.started.elapsed().as_secs_f64().max(1e-6);
     let rate = run.scanned_this_call as f64 / elapsed;
     let blocks_left = (nblocks - run.next_block).max(0);
+    let pass_elapsed = run.pass_started.elapsed().as_secs_f64();
     let eta = if run.next_block > 0 {
-        elapsed / run.next_block as f64 * blocks_left as f64
+        pass_elapsed / run.next_block as f64 * blocks_left as f64
     } else {
         0.0
     };
     if !run.dry_run {
-        let (id, c, pass, next) = (run.id, run.pass_counts, run.pass, run.next_block);
-        let (conv_total, conc_total) = (run.converted_total, run.concurrent_total);
+        let (id, c, pass, next, conv_total) = (
+            run.id,
+            run.pass_counts,
+            run.pass,
+            run.next_block,
+            run.converted_total,
+        );
         as_owner(|| {
-            for (tid, key, class, len, reason) in &failures {
+            for f in &batch.failures {
                 Spi::run_with_args(
                     "INSERT INTO manna_crypt.reencrypt_failures (run_id, row_ctid, row_key, value_class, value_length, reason) \
                      VALUES ($1, $2::tid, $3, $4, $5, $6) ON CONFLICT (run_id, row_ctid) DO NOTHING",
-                    &[id.into(), tid.as_str().into(), key.clone().into(), (*class).into(), (*len).into(), reason.as_str().into()],
+                    &[
+                        id.into(),
+                        f.ctid.as_str().into(),
+                        f.row_key.clone().into(),
+                        f.class.into(),
+                        f.length.into(),
+                        f.reason.as_str().into(),
+                    ],
                 )?;
             }
             Spi::run_with_args(
                 "UPDATE manna_crypt.reencrypt_runs SET updated_at = now(), pass = $2, next_block = $3, total_blocks = $4, \
-                   scanned = $5, converted = $6, failed = $7, other_keyring = $8, \
-                   concurrent_changes = $9, rows_per_second = $10, eta_seconds = $11 WHERE run_id = $1",
+                   scanned = $5, converted = $6, failed = $7, other_keyring = $8, rows_per_second = $9, eta_seconds = $10 \
+                 WHERE run_id = $1",
                 &[
                     id.into(),
                     pass.into(),
@@ -605,7 +591,6 @@ fn step_run(run: &mut Run) -> McResult<bool> {
                     conv_total.into(),
                     c.failed.into(),
                     c.other_keyring.into(),
-                    conc_total.into(),
                     rate.into(),
                     eta.into(),
                 ],
@@ -632,6 +617,88 @@ fn step_run(run: &mut Run) -> McResult<bool> {
     Ok(true)
 }
 
+/// A row a batch left untouched, for `reencrypt_failures` (never the value).
+struct Failure {
+    ctid: String,
+    row_key: Option<String>,
+    class: &'static str,
+    length: i64,
+    reason: String,
+}
+
+/// The state of the batch being executed, read by the two functions the
+/// batch statement calls per row.
+struct Batch {
+    mode: Mode,
+    keys: Keys,
+    counts: Counts,
+    failures: Vec<Failure>,
+    /// The value `_reencrypt_row` produced for the row being updated; taken
+    /// by `_reencrypt_value` in the same row's SET.
+    pending: Option<String>,
+}
+
+thread_local! {
+    static BATCH: RefCell<Option<Batch>> = const { RefCell::new(None) };
+}
+
+fn tid_text(tid: &pg_sys::ItemPointerData) -> String {
+    let block = (u32::from(tid.ip_blkid.bi_hi) << 16) | u32::from(tid.ip_blkid.bi_lo);
+    format!("({block},{})", tid.ip_posid)
+}
+
+/// Per row of a batch: converts the value and returns true (the SET then
+/// writes it), or records why not and returns false (the row is untouched).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _reencrypt_row(ctid: pg_sys::ItemPointerData, value: &str, aad: Option<&str>) -> bool {
+    BATCH.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        let batch = guard
+            .as_mut()
+            .ok_or_else(|| {
+                McError::bad_arg("_reencrypt_row() is only called by the re-encryption procedures")
+            })
+            .or_raise();
+        batch.counts.scanned += 1;
+        match convert(
+            &batch.mode,
+            &batch.keys,
+            Some(value),
+            aad.unwrap_or("").as_bytes(),
+        ) {
+            Outcome::Convert(new) => {
+                batch.pending = Some(new);
+                true
+            }
+            Outcome::Null | Outcome::Already => false,
+            Outcome::OtherKeyring => {
+                batch.counts.other_keyring += 1;
+                false
+            }
+            Outcome::Fail(class, reason) => {
+                batch.counts.failed += 1;
+                batch.failures.push(Failure {
+                    ctid: tid_text(&ctid),
+                    row_key: aad.map(str::to_owned),
+                    class: class.name(),
+                    length: value.len() as i64,
+                    reason,
+                });
+                false
+            }
+        }
+    })
+}
+
+/// The value `_reencrypt_row` just produced for this row.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _reencrypt_value() -> String {
+    BATCH
+        .with(|cell| cell.borrow_mut().as_mut().and_then(|b| b.pending.take()))
+        .ok_or_else(|| McError::Internal("_reencrypt_value() without a converted row".into()))
+        .or_raise()
+}
+
 fn finish(handle: i64) -> McResult<()> {
     let run = RUNS
         .with(|r| r.borrow_mut().remove(&handle))
@@ -654,7 +721,7 @@ fn finish(handle: i64) -> McResult<()> {
     let summary = json!({
         "run_id": run.id, "table": run.tbl_sql, "column": run.col, "passes": run.pass,
         "converted": run.converted_total, "failed": c.failed, "already": c.already, "nulls": c.nulls,
-        "other_keyring": c.other_keyring, "concurrent_changes": run.concurrent_total, "seconds": secs,
+        "other_keyring": c.other_keyring, "seconds": secs,
     });
     if !run.dry_run {
         let role = caller();
@@ -688,7 +755,7 @@ fn finish(handle: i64) -> McResult<()> {
         );
     } else {
         notice!(
-            "{} {}.{} done in {:.1} s ({} pass{}): {} converted, {} left untouched (see manna_crypt.reencrypt_failures, run {}), {} already in target form, {} null, {} under other keyrings, {} changed concurrently and left to their writers",
+            "{} {}.{} done in {:.1} s ({} pass{}): {} converted, {} left untouched (see manna_crypt.reencrypt_failures, run {}), {} already in target form, {} null, {} under other keyrings",
             run.mode.name(),
             run.tbl_sql,
             run.col,
@@ -700,8 +767,7 @@ fn finish(handle: i64) -> McResult<()> {
             run.id,
             c.already,
             c.nulls,
-            c.other_keyring,
-            run.concurrent_total
+            c.other_keyring
         );
     }
     Ok(())

@@ -1,0 +1,35 @@
+"""Re-encrypt plaid_items.access_token in place: Fernet -> AES-256-GCM.
+
+migrate_fernet commits after every batch, so it cannot run inside the
+migration's transaction: it runs in an autocommit block (which commits the
+migration's work so far first). Rerunning it is safe: values already
+converted are skipped, and an interrupted run resumes where it stopped.
+
+Revision ID: 0002
+Revises: 0001
+"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    op.execute(
+        "SELECT manna_crypt.create_keyring('plaid_tokens') "
+        "WHERE NOT EXISTS (SELECT FROM manna_crypt.keys WHERE keyring = 'plaid_tokens')"
+    )
+    with op.get_context().autocommit_block():
+        op.execute(
+            "CALL manna_crypt.migrate_fernet('plaid_items', 'access_token', 'legacy_fernet', 'plaid_tokens', "
+            "batch_size => 1000, aad_column => 'id')"
+        )
+
+
+def downgrade():
+    # Going back to Fernet would need the plaintexts in the client again;
+    # not supported.
+    raise NotImplementedError("migrate_fernet is one-way")
