@@ -23,7 +23,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 cd "$MC_ROOT"
 
-SECTIONS=(gcm)
+SECTIONS=(gcm migrate locking)
 BENCH_DIR=${MC_BENCH_DIR:-$MC_ROOT/target/bench}
 BENCH_PORT=${MC_BENCH_PORT:-55480}
 ROWS=${MC_BENCH_ROWS:-1000000}
@@ -202,6 +202,19 @@ bench_gcm() {
         "'decrypt_gcm raw / pgcrypto decrypt', 'decrypt_gcm raw key', 'pgcrypto decrypt aes-256-cbc', 0.5, 2" \
         "'encrypt_gcm keyring / raw key', 'encrypt_gcm keyring', 'encrypt_gcm raw key', 1.1, 3" \
         "'decrypt_gcm keyring / raw key', 'decrypt_gcm keyring', 'decrypt_gcm raw key', 1.1, 4"
+}
+
+# In-place Fernet migration against the client-side way and the UPDATE floor
+# (its own cluster; see scripts/bench_migrate.sh).
+bench_migrate() {
+    ensure_venv
+    "$MC_ROOT/scripts/bench_migrate.sh"
+}
+
+# Cost of the optimistic-locking trigger under pgbench (its own cluster; see
+# scripts/bench_locking.sh).
+bench_locking() {
+    "$MC_ROOT/scripts/bench_locking.sh"
 }
 
 # ---- main ----------------------------------------------------------------------

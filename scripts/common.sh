@@ -63,6 +63,19 @@ cluster_start() {
     fi
 }
 
+# ensure_venv: the Python environment of the client tests and benchmarks
+# (psycopg, SQLAlchemy, Alembic, pytest, cryptography) in target/venv.
+ensure_venv() {
+    local venv="$MC_ROOT/target/venv" req="$MC_ROOT/tests/python/requirements.txt"
+    if [ ! -x "$venv/bin/pytest" ] || [ "$req" -nt "$venv/bin/pytest" ]; then
+        log "creating the Python environment in target/venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q --upgrade pip
+        "$venv/bin/pip" install -q -r "$req"
+        touch "$venv/bin/pytest"
+    fi
+}
+
 cluster_stop() {
     local dir=$1
     [ -f "$dir/data/postmaster.pid" ] || return 0

@@ -54,11 +54,6 @@ PGXS=$(dirname "$("$PG_CONFIG" --pgxs)")
 
 log "client tests: pytest"
 VENV="$MC_ROOT/target/venv"
-if [ ! -x "$VENV/bin/pytest" ] || [ tests/python/requirements.txt -nt "$VENV/bin/pytest" ]; then
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -r tests/python/requirements.txt
-    touch "$VENV/bin/pytest"
-fi
+ensure_venv
 MC_PGHOST="$CLUSTER" MC_PGPORT="$PORT" MC_CLUSTER_DIR="$CLUSTER" MC_ROOT="$MC_ROOT" \
     "$VENV/bin/pytest" -q --tb=short -p no:cacheprovider tests/python "$@"

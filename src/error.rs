@@ -183,6 +183,15 @@ impl From<FernetError> for McError {
     }
 }
 
+/// A required argument of a function that is not STRICT (because another
+/// argument may be NULL): NULL is a user error (22023), never a panic.
+pub fn not_null<T>(value: Option<T>, what: &str) -> T {
+    match value {
+        Some(v) => v,
+        None => McError::bad_arg(format!("{what} must not be null")).raise(),
+    }
+}
+
 /// Unwraps a result at the SQL boundary, raising the error.
 pub trait OrRaise<T> {
     fn or_raise(self) -> T;

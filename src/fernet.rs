@@ -6,22 +6,24 @@ use pgrx::prelude::*;
 use zeroize::Zeroizing;
 
 use crate::datum::SecretText;
-use crate::error::{McError, McResult, OrRaise};
+use crate::error::{not_null, McError, McResult, OrRaise};
 use crate::keys::cache;
 
 /// Decrypts a token with the keyring's keys. The plaintext is wiped on drop.
 pub fn open_token(token: &str, keyring: &str) -> McResult<Zeroizing<Vec<u8>>> {
+    open_parsed(&Token::parse(token)?, keyring)
+}
+
+/// Decrypts an already parsed token with the keyring's keys.
+pub fn open_parsed(token: &Token, keyring: &str) -> McResult<Zeroizing<Vec<u8>>> {
     let keys = cache::fernet_keys(keyring)?;
-    let parsed = Token::parse(token)?;
-    let (_, plaintext) = parsed.decrypt(keys.iter().map(|(_, k)| k))?;
+    let (_, plaintext) = token.decrypt(keys.iter().map(|(_, k)| k))?;
     Ok(plaintext)
 }
 
 #[pg_extern(stable, parallel_safe)]
 fn decrypt_fernet(token: Option<&str>, keyring: Option<&str>) -> Option<SecretText> {
-    let keyring = keyring
-        .ok_or_else(|| McError::bad_arg("keyring must not be null"))
-        .or_raise();
+    let keyring = not_null(keyring, "keyring");
     let token = token?;
     let plaintext = open_token(token, keyring).or_raise();
     Some(

@@ -25,7 +25,7 @@ use pgrx::prelude::*;
 use zeroize::Zeroizing;
 
 use crate::datum::{EncryptedText, SecretBytes, SecretText};
-use crate::error::{McError, McResult, OrRaise};
+use crate::error::{not_null, McError, McResult, OrRaise};
 use crate::keys::cache;
 
 thread_local! {
@@ -60,10 +60,6 @@ fn with_raw_cipher<T>(key: &[u8], f: impl FnOnce(&Cipher) -> T) -> McResult<T> {
         let (_, cipher) = slot.as_ref().expect("just filled");
         Ok(f(cipher))
     })
-}
-
-fn required<'a, T: ?Sized>(v: Option<&'a T>, what: &str) -> McResult<&'a T> {
-    v.ok_or_else(|| McError::bad_arg(format!("{what} must not be null")))
 }
 
 /// Seals `plaintext` into a binary envelope.
@@ -127,7 +123,7 @@ fn encrypt_gcm_raw(
     key: Option<&[u8]>,
     aad: default!(Option<&str>, "NULL"),
 ) -> Option<EncryptedText> {
-    let key = required(key, "key").or_raise();
+    let key = not_null(key, "key");
     let pt = plaintext?;
     let env = seal_value(KeySource::Raw(key), pt.as_bytes(), aad_bytes(aad)).or_raise();
     Some(EncryptedText(envelope::to_text(&env)))
@@ -139,7 +135,7 @@ fn encrypt_gcm_keyring(
     keyring: Option<&str>,
     aad: default!(Option<&str>, "NULL"),
 ) -> Option<EncryptedText> {
-    let keyring = required(keyring, "keyring").or_raise();
+    let keyring = not_null(keyring, "keyring");
     let pt = plaintext?;
     let env = seal_value(KeySource::Keyring(keyring), pt.as_bytes(), aad_bytes(aad)).or_raise();
     Some(EncryptedText(envelope::to_text(&env)))
@@ -151,7 +147,7 @@ fn decrypt_gcm_raw(
     key: Option<&[u8]>,
     aad: default!(Option<&str>, "NULL"),
 ) -> Option<SecretText> {
-    let key = required(key, "key").or_raise();
+    let key = not_null(key, "key");
     let ct = ciphertext?;
     let bytes = envelope::from_text(ct).or_raise();
     Some(to_text(open_value(Some(key), &bytes, aad_bytes(aad)).or_raise()).or_raise())
@@ -175,7 +171,7 @@ fn encrypt_gcm_raw_bytea(
     key: Option<&[u8]>,
     aad: default!(Option<&str>, "NULL"),
 ) -> Option<Vec<u8>> {
-    let key = required(key, "key").or_raise();
+    let key = not_null(key, "key");
     Some(seal_value(KeySource::Raw(key), plaintext?, aad_bytes(aad)).or_raise())
 }
 
@@ -185,7 +181,7 @@ fn encrypt_gcm_keyring_bytea(
     keyring: Option<&str>,
     aad: default!(Option<&str>, "NULL"),
 ) -> Option<Vec<u8>> {
-    let keyring = required(keyring, "keyring").or_raise();
+    let keyring = not_null(keyring, "keyring");
     Some(seal_value(KeySource::Keyring(keyring), plaintext?, aad_bytes(aad)).or_raise())
 }
 
@@ -195,7 +191,7 @@ fn decrypt_gcm_raw_bytea(
     key: Option<&[u8]>,
     aad: default!(Option<&str>, "NULL"),
 ) -> Option<SecretBytes> {
-    let key = required(key, "key").or_raise();
+    let key = not_null(key, "key");
     Some(SecretBytes(
         open_value(Some(key), ciphertext?, aad_bytes(aad)).or_raise(),
     ))
@@ -222,14 +218,14 @@ fn aes_gcm_decrypt(
     ciphertext_and_tag: Option<&[u8]>,
     aad: default!(Option<&[u8]>, "NULL"),
 ) -> Option<SecretBytes> {
-    let key = Key32::from_slice(required(key, "key").or_raise())
+    let key = Key32::from_slice(not_null(key, "key"))
         .map_err(|e| McError::BadArgument {
             message: "AES-256-GCM key must be 32 bytes".into(),
             detail: Some(format!("the key given is {} bytes long", e.0)),
             hint: None,
         })
         .or_raise();
-    let nonce = required(nonce, "nonce").or_raise();
+    let nonce = not_null(nonce, "nonce");
     if nonce.len() != envelope::NONCE_LEN {
         McError::BadArgument {
             message: "AES-GCM nonce must be 12 bytes".into(),

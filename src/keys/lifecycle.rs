@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use super::cache::{self, Status};
 use super::owner::{as_owner, caller, read_one};
 use super::rootkey::{self, RootKey, Which};
-use crate::error::{McError, McResult, OrRaise};
+use crate::error::{not_null, McError, McResult, OrRaise};
 
 /// Keyring names: what a DBA types and what appears in logs. Lowercase
 /// identifiers keep them unambiguous in SQL and free of anything secret-like.
@@ -160,7 +160,8 @@ fn next_version(keyring_id: i32) -> McResult<i32> {
 
 /// Creates an AES-256-GCM keyring with its first, active key. Returns the key id.
 #[pg_extern(volatile, parallel_unsafe)]
-fn create_keyring(name: &str, rotation_period: default!(Option<Interval>, "NULL")) -> i32 {
+fn create_keyring(name: Option<&str>, rotation_period: default!(Option<Interval>, "NULL")) -> i32 {
+    let name = not_null(name, "name");
     check_name(name).or_raise();
     refuse_during_recovery(c"manna_crypt.create_keyring()");
     let role = caller();
@@ -245,7 +246,8 @@ fn rotate_due() -> TableIterator<'static, (name!(keyring, String), name!(key_id,
 
 /// Sets (or with NULL clears) a keyring's rotation period.
 #[pg_extern(volatile, parallel_unsafe)]
-fn set_rotation_period(keyring: &str, rotation_period: Option<Interval>) {
+fn set_rotation_period(keyring: Option<&str>, rotation_period: Option<Interval>) {
+    let keyring = not_null(keyring, "keyring");
     refuse_during_recovery(c"manna_crypt.set_rotation_period()");
     let role = caller();
     as_owner(|| {

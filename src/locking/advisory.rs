@@ -21,7 +21,7 @@ use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 use sha2::{Digest, Sha256};
 
-use crate::error::{McError, OrRaise};
+use crate::error::{not_null, McError, OrRaise};
 
 /// The advisory lock key for a name.
 pub fn key_for(name: &str) -> i64 {
@@ -137,14 +137,14 @@ fn try_acquire(name: &str, scope: Scope) -> bool {
 /// Takes the named lock until the end of the transaction, waiting at most
 /// `timeout` (NULL: indefinitely). 55P03 on timeout.
 #[pg_extern(volatile, parallel_unsafe)]
-fn lock_xact(name: &str, timeout: default!(Option<Interval>, "NULL")) {
-    acquire(name, Scope::Transaction, timeout)
+fn lock_xact(name: Option<&str>, timeout: default!(Option<Interval>, "NULL")) {
+    acquire(not_null(name, "lock name"), Scope::Transaction, timeout)
 }
 
 /// Takes the named lock until `unlock()` or the end of the session.
 #[pg_extern(volatile, parallel_unsafe)]
-fn lock_session(name: &str, timeout: default!(Option<Interval>, "NULL")) {
-    acquire(name, Scope::Session, timeout)
+fn lock_session(name: Option<&str>, timeout: default!(Option<Interval>, "NULL")) {
+    acquire(not_null(name, "lock name"), Scope::Session, timeout)
 }
 
 /// Takes the named lock until the end of the transaction if it is free.

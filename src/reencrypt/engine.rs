@@ -43,13 +43,14 @@ use zeroize::Zeroizing;
 
 use super::classify::{classify, Class};
 use super::registry;
-use crate::error::{McError, McResult, OrRaise};
-use crate::fernet::open_token;
+use crate::error::{not_null, McError, McResult, OrRaise};
+use crate::fernet::open_parsed;
 use crate::gcm::next_nonce;
 use crate::keys::cache;
 use crate::keys::lifecycle::audit;
 use crate::keys::owner::{as_owner, caller};
 use crate::locking::{advisory, version::SuppressBump};
+use manna_crypt_core::fernet::Token;
 
 pub const MAX_PASSES: i32 = 3;
 const MAX_BATCH: i32 = 100_000;
@@ -152,12 +153,14 @@ fn seal_verified(keys: &Keys, plaintext: &[u8], aad: &[u8]) -> McResult<String> 
     Ok(envelope::to_text(&env))
 }
 
+const MALFORMED: &str = "starts like a ciphertext or Fernet token but does not parse";
+
+/// Decides what to do with one value, parsing it once.
 fn convert(mode: &Mode, keys: &Keys, value: Option<&str>, aad: &[u8]) -> Outcome {
     let Some(value) = value else {
         return Outcome::Null;
     };
-    let class = classify(value);
-    let sealed = |pt: McResult<Zeroizing<Vec<u8>>>| -> Outcome {
+    let sealed = |class: Class, pt: McResult<Zeroizing<Vec<u8>>>| -> Outcome {
         match pt {
             Ok(pt) if !crate::datum::is_text(&pt) => Outcome::Fail(
                 class,
@@ -170,32 +173,56 @@ fn convert(mode: &Mode, keys: &Keys, value: Option<&str>, aad: &[u8]) -> Outcome
             Err(e) => Outcome::Fail(class, e.message()),
         }
     };
-    match (mode, class) {
-        (Mode::MigrateFernet { .. } | Mode::Encrypt { .. }, Class::Mc1(_)) => Outcome::Already,
-        (Mode::MigrateFernet { source, .. }, Class::Fernet) => sealed(open_token(value, source)),
-        (Mode::MigrateFernet { .. }, Class::Plaintext) => Outcome::Fail(
-            class,
-            "not a Fernet token: plaintext or an unknown format".into(),
-        ),
-        (Mode::Encrypt { .. }, Class::Plaintext) => {
-            sealed(Ok(Zeroizing::new(value.as_bytes().to_vec())))
+    match mode {
+        Mode::MigrateFernet { source, .. } => {
+            if value.starts_with("gAAAAA") {
+                return match Token::parse(value) {
+                    Ok(token) => sealed(Class::Fernet, open_parsed(&token, source)),
+                    Err(_) => Outcome::Fail(Class::Malformed, MALFORMED.into()),
+                };
+            }
+            match classify(value) {
+                Class::Mc1(_) => Outcome::Already,
+                Class::Malformed => Outcome::Fail(Class::Malformed, MALFORMED.into()),
+                class => Outcome::Fail(
+                    class,
+                    "not a Fernet token: plaintext or an unknown format".into(),
+                ),
+            }
         }
-        (Mode::Encrypt { .. }, Class::Fernet) => Outcome::Fail(
-            class,
-            "looks like a Fernet token; use migrate_fernet to convert it".into(),
-        ),
-        (Mode::Rewrap { .. }, Class::Mc1(id)) if id == keys.target_id => Outcome::Already,
-        (Mode::Rewrap { .. }, Class::Mc1(id)) if keys.ring_ids.contains(&id) => sealed(
-            envelope::from_text(value)
-                .map_err(McError::from)
-                .and_then(|bytes| crate::gcm::open_value(None, &bytes, aad)),
-        ),
-        (Mode::Rewrap { .. }, Class::Mc1(_)) => Outcome::OtherKeyring,
-        (Mode::Rewrap { .. }, _) => Outcome::Fail(class, "not a manna_crypt ciphertext".into()),
-        (_, Class::Malformed) => Outcome::Fail(
-            class,
-            "starts like a ciphertext or Fernet token but does not parse".into(),
-        ),
+        Mode::Encrypt { .. } => match classify(value) {
+            Class::Mc1(_) => Outcome::Already,
+            Class::Plaintext => sealed(
+                Class::Plaintext,
+                Ok(Zeroizing::new(value.as_bytes().to_vec())),
+            ),
+            Class::Fernet => Outcome::Fail(
+                Class::Fernet,
+                "looks like a Fernet token; use migrate_fernet to convert it".into(),
+            ),
+            Class::Malformed => Outcome::Fail(Class::Malformed, MALFORMED.into()),
+        },
+        Mode::Rewrap { .. } => {
+            if !value.starts_with(envelope::TEXT_PREFIX) {
+                return Outcome::Fail(classify(value), "not a manna_crypt ciphertext".into());
+            }
+            let Ok(bytes) = envelope::from_text(value) else {
+                return Outcome::Fail(Class::Malformed, MALFORMED.into());
+            };
+            let Ok(key_id) = Envelope::parse(&bytes).map(|e| e.key_id) else {
+                return Outcome::Fail(Class::Malformed, MALFORMED.into());
+            };
+            if key_id == keys.target_id {
+                Outcome::Already
+            } else if keys.ring_ids.contains(&key_id) {
+                sealed(
+                    Class::Mc1(key_id),
+                    crate::gcm::open_value(None, &bytes, aad),
+                )
+            } else {
+                Outcome::OtherKeyring
+            }
+        }
     }
 }
 
@@ -510,8 +537,17 @@ fn step_run(run: &mut Run) -> McResult<bool> {
     // row that a concurrent transaction changes is re-read once that writer
     // commits and converted from the writer's value: it is never
     // overwritten with a conversion of the value it replaced.
+    // A re-check pass looks for values writers put back in an old form:
+    // for these two modes never an mc1 value, so a cheap LIKE spares the
+    // function call on every row already converted.
+    let recheck = match (&run.mode, run.pass) {
+        (Mode::MigrateFernet { .. } | Mode::Encrypt { .. }, p) if p > 1 => {
+            format!("AND {}::text NOT LIKE 'mc1:%' ", run.col_sql)
+        }
+        _ => String::new(),
+    };
     let qual = format!(
-        "ctid >= '({b},0)'::tid AND ctid < '({e},0)'::tid AND {col} IS NOT NULL \
+        "ctid >= '({b},0)'::tid AND ctid < '({e},0)'::tid AND {col} IS NOT NULL {recheck}\
          AND manna_crypt._reencrypt_row(ctid, {col}::text, {aad_expr})",
         col = run.col_sql
     );
@@ -580,7 +616,7 @@ fn step_run(run: &mut Run) -> McResult<bool> {
             }
             Spi::run_with_args(
                 "UPDATE manna_crypt.reencrypt_runs SET updated_at = now(), pass = $2, next_block = $3, total_blocks = $4, \
-                   scanned = $5, converted = $6, failed = $7, other_keyring = $8, rows_per_second = $9, eta_seconds = $10 \
+                   scanned = $5, converted = $6, failed = greatest(failed, $7), other_keyring = $8, rows_per_second = $9, eta_seconds = $10 \
                  WHERE run_id = $1",
                 &[
                     id.into(),
@@ -650,7 +686,14 @@ fn tid_text(tid: &pg_sys::ItemPointerData) -> String {
 /// Per row of a batch: converts the value and returns true (the SET then
 /// writes it), or records why not and returns false (the row is untouched).
 #[pg_extern(volatile, parallel_unsafe)]
-fn _reencrypt_row(ctid: pg_sys::ItemPointerData, value: &str, aad: Option<&str>) -> bool {
+fn _reencrypt_row(
+    ctid: Option<pg_sys::ItemPointerData>,
+    value: Option<&str>,
+    aad: Option<&str>,
+) -> bool {
+    let (Some(ctid), Some(value)) = (ctid, value) else {
+        return false;
+    };
     BATCH.with(|cell| {
         let mut guard = cell.borrow_mut();
         let batch = guard
@@ -717,6 +760,19 @@ fn finish(handle: i64) -> McResult<()> {
     ))?;
     c.nulls = nulls.unwrap_or(0);
     c.already = already.unwrap_or(0);
+    if !run.dry_run {
+        // Every row left untouched, whichever pass (or an earlier, crashed
+        // session of a resumed run) met it: a re-check pass skips values
+        // that are already mc1-shaped, so its own count can be lower.
+        let id = run.id;
+        c.failed = as_owner(|| {
+            Ok(Spi::get_one_with_args::<i64>(
+                "SELECT count(*) FROM manna_crypt.reencrypt_failures WHERE run_id = $1",
+                &[id.into()],
+            )?
+            .unwrap_or(0))
+        })?;
+    }
     let secs = run.started.elapsed().as_secs_f64();
     let summary = json!({
         "run_id": run.id, "table": run.tbl_sql, "column": run.col, "passes": run.pass,
@@ -728,8 +784,8 @@ fn finish(handle: i64) -> McResult<()> {
         as_owner(|| {
             Spi::run_with_args(
                 "UPDATE manna_crypt.reencrypt_runs SET status = 'done', finished_at = now(), updated_at = now(), eta_seconds = 0, \
-                   already = $2, nulls = $3 WHERE run_id = $1",
-                &[run.id.into(), c.already.into(), c.nulls.into()],
+                   already = $2, nulls = $3, failed = $4 WHERE run_id = $1",
+                &[run.id.into(), c.already.into(), c.nulls.into(), c.failed.into()],
             )?;
             audit(
                 &role,
@@ -776,16 +832,22 @@ fn finish(handle: i64) -> McResult<()> {
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn _reencrypt_start(
-    mode: &str,
-    tbl: PgRelation,
-    col: &str,
+    mode: Option<&str>,
+    tbl: Option<PgRelation>,
+    col: Option<&str>,
     source_keyring: Option<&str>,
-    target_keyring: &str,
-    batch_size: i32,
+    target_keyring: Option<&str>,
+    batch_size: Option<i32>,
     aad_column: Option<&str>,
-    dry_run: bool,
+    dry_run: Option<bool>,
 ) -> i64 {
-    let mode = match (mode, source_keyring) {
+    // The procedures pass their arguments through: a NULL is the user's.
+    let tbl = not_null(tbl, "tbl");
+    let col = not_null(col, "col");
+    let target_keyring = not_null(target_keyring, "keyring");
+    let batch_size = not_null(batch_size, "batch_size");
+    let dry_run = not_null(dry_run, "dry_run");
+    let mode = match (not_null(mode, "mode"), source_keyring) {
         ("migrate_fernet", Some(source)) => Mode::MigrateFernet {
             source: source.into(),
             target: target_keyring.into(),
