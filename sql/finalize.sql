@@ -104,6 +104,7 @@ GRANT EXECUTE ON FUNCTION
     manna_crypt._reencrypt_value()
   TO manna_crypt_admin;
 GRANT EXECUTE ON PROCEDURE
+    manna_crypt._reencrypt_run(text, regclass, name, text, text, integer, name, boolean),
     manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean),
     manna_crypt.rewrap_column(regclass, name, text, integer, name, boolean),
     manna_crypt.encrypt_column(regclass, name, text, integer, name, boolean)
@@ -176,3 +177,4 @@ COMMENT ON TABLE manna_crypt.reencrypt_failures IS 'rows a run left untouched, w
 COMMENT ON VIEW manna_crypt.reencrypt_progress IS 're-encryption progress, readable while a run is going on';
 COMMENT ON FUNCTION manna_crypt._reencrypt_row(tid, text, text) IS 'internal: convert one row inside a re-encryption batch, or record why not';
 COMMENT ON FUNCTION manna_crypt._reencrypt_value() IS 'internal: the value _reencrypt_row produced for the row being updated';
+COMMENT ON PROCEDURE manna_crypt._reencrypt_run(text, regclass, name, text, text, integer, name, boolean) IS 'internal: the batch loop shared by migrate_fernet, rewrap_column and encrypt_column';

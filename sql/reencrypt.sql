@@ -50,21 +50,33 @@ SELECT run_id, tbl, col, mode, status, pass, pid,
        started_at, updated_at, finished_at
   FROM manna_crypt.reencrypt_runs;
 
-CREATE PROCEDURE manna_crypt.migrate_fernet(
-    tbl regclass, col name, fernet_keyring text, target_keyring text,
-    batch_size integer DEFAULT 1000, aad_column name DEFAULT NULL, dry_run boolean DEFAULT false)
+-- The loop the three procedures share: start (or resume), one batch per
+-- transaction, finish. A CALL from a procedure keeps transaction control.
+CREATE PROCEDURE manna_crypt._reencrypt_run(
+    mode text, tbl regclass, col name, source_keyring text, target_keyring text,
+    batch_size integer, aad_column name, dry_run boolean)
 LANGUAGE plpgsql AS
 $$
 DECLARE
     h bigint;
 BEGIN
-    h := manna_crypt._reencrypt_start('migrate_fernet', tbl, col, fernet_keyring, target_keyring, batch_size, aad_column, dry_run);
+    h := manna_crypt._reencrypt_start(mode, tbl, col, source_keyring, target_keyring, batch_size, aad_column, dry_run);
     COMMIT;
     WHILE manna_crypt._reencrypt_step(h) LOOP
         COMMIT;
     END LOOP;
     PERFORM manna_crypt._reencrypt_finish(h);
     COMMIT;
+END
+$$;
+
+CREATE PROCEDURE manna_crypt.migrate_fernet(
+    tbl regclass, col name, fernet_keyring text, target_keyring text,
+    batch_size integer DEFAULT 1000, aad_column name DEFAULT NULL, dry_run boolean DEFAULT false)
+LANGUAGE plpgsql AS
+$$
+BEGIN
+    CALL manna_crypt._reencrypt_run('migrate_fernet', tbl, col, fernet_keyring, target_keyring, batch_size, aad_column, dry_run);
 END
 $$;
 
@@ -73,16 +85,8 @@ CREATE PROCEDURE manna_crypt.rewrap_column(
     batch_size integer DEFAULT 1000, aad_column name DEFAULT NULL, dry_run boolean DEFAULT false)
 LANGUAGE plpgsql AS
 $$
-DECLARE
-    h bigint;
 BEGIN
-    h := manna_crypt._reencrypt_start('rewrap_column', tbl, col, NULL, keyring, batch_size, aad_column, dry_run);
-    COMMIT;
-    WHILE manna_crypt._reencrypt_step(h) LOOP
-        COMMIT;
-    END LOOP;
-    PERFORM manna_crypt._reencrypt_finish(h);
-    COMMIT;
+    CALL manna_crypt._reencrypt_run('rewrap_column', tbl, col, NULL, keyring, batch_size, aad_column, dry_run);
 END
 $$;
 
@@ -91,16 +95,8 @@ CREATE PROCEDURE manna_crypt.encrypt_column(
     batch_size integer DEFAULT 1000, aad_column name DEFAULT NULL, dry_run boolean DEFAULT false)
 LANGUAGE plpgsql AS
 $$
-DECLARE
-    h bigint;
 BEGIN
-    h := manna_crypt._reencrypt_start('encrypt_column', tbl, col, NULL, keyring, batch_size, aad_column, dry_run);
-    COMMIT;
-    WHILE manna_crypt._reencrypt_step(h) LOOP
-        COMMIT;
-    END LOOP;
-    PERFORM manna_crypt._reencrypt_finish(h);
-    COMMIT;
+    CALL manna_crypt._reencrypt_run('encrypt_column', tbl, col, NULL, keyring, batch_size, aad_column, dry_run);
 END
 $$;
 

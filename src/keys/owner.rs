@@ -77,6 +77,28 @@ impl Drop for Restore {
     }
 }
 
+/// Sets a setting for the current GUC nest level only, as a function's
+/// `SET` clause does (allowed in parallel mode too).
+///
+/// # Safety
+/// The caller must have pushed a level with `NewGUCNestLevel()` and pop it
+/// with `AtEOXact_GUC()` (or leave that to transaction abort on error).
+pub unsafe fn set_local(name: &CStr, value: &CStr) {
+    // SAFETY: both pointers are valid NUL-terminated strings for the call.
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            0,
+            false,
+        );
+    }
+}
+
 /// Runs `f` as the extension owner with `search_path = pg_catalog, pg_temp`.
 pub fn as_owner<T>(f: impl FnOnce() -> McResult<T>) -> McResult<T> {
     let owner = extension_owner()?;
@@ -96,18 +118,7 @@ pub fn as_owner<T>(f: impl FnOnce() -> McResult<T>) -> McResult<T> {
             owner,
             sec_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
         );
-        let name: &CStr = c"search_path";
-        let value: &CStr = c"pg_catalog, pg_temp";
-        pg_sys::set_config_option(
-            name.as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
+        set_local(c"search_path", c"pg_catalog, pg_temp");
         restore
     };
     f()

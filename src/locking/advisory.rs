@@ -92,16 +92,7 @@ fn acquire(name: &str, scope: Scope, timeout: Option<Interval>) {
     let nest = unsafe {
         let nest = pg_sys::NewGUCNestLevel();
         let value = CString::new(ms.to_string()).expect("digits");
-        pg_sys::set_config_option(
-            c"lock_timeout".as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
+        crate::keys::owner::set_local(c"lock_timeout", &value);
         nest
     };
     PgTryBuilder::new(|| {

@@ -238,20 +238,8 @@ fn target_form_sql(mode: &Mode, col: &str, active_key_id: u32) -> String {
     }
 }
 
-fn text_column(tbl: pg_sys::Oid, col: &str, what: &str) -> McResult<String> {
-    let ok = Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped \
-           AND atttypid IN ('text'::regtype, 'varchar'::regtype, 'manna_crypt.encrypted_text'::regtype))",
-        &[tbl.into(), col.into()],
-    )?
-    .unwrap_or(false);
-    if !ok {
-        return Err(McError::BadArgument {
-            message: format!("{what} \"{col}\" is not a text column of the table"),
-            detail: None,
-            hint: Some("manna_crypt re-encrypts text, varchar and encrypted_text columns".into()),
-        });
-    }
+fn text_column(tbl: pg_sys::Oid, col: &str) -> McResult<String> {
+    registry::check_text_column(tbl, col)?;
     Ok(spi_quote_ident(col))
 }
 
@@ -333,7 +321,7 @@ fn start(
         });
     }
     let oid = tbl.oid();
-    let col_sql = text_column(oid, col, "column")?;
+    let col_sql = text_column(oid, col)?;
     let aad_sql = aad_column.map(|a| any_column(oid, a)).transpose()?;
     let tbl_sql = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[oid.into()])?
         .unwrap_or_default();

@@ -47,8 +47,8 @@ pub fn key_usage(key_id: i32) -> McResult<Vec<(String, i64)>> {
     Ok(users)
 }
 
-/// Records that `tbl.col` holds ciphertexts. Idempotent.
-pub fn register(tbl: pg_sys::Oid, col: &str) -> McResult<()> {
+/// Checks that `tbl.col` is a column that can hold text ciphertexts.
+pub fn check_text_column(tbl: pg_sys::Oid, col: &str) -> McResult<()> {
     let ok = Spi::get_one_with_args::<bool>(
         "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped \
            AND atttypid IN ('text'::regtype, 'varchar'::regtype, 'manna_crypt.encrypted_text'::regtype))",
@@ -62,6 +62,12 @@ pub fn register(tbl: pg_sys::Oid, col: &str) -> McResult<()> {
             hint: Some("manna_crypt re-encrypts text, varchar and encrypted_text columns".into()),
         });
     }
+    Ok(())
+}
+
+/// Records that `tbl.col` holds ciphertexts. Idempotent.
+pub fn register(tbl: pg_sys::Oid, col: &str) -> McResult<()> {
+    check_text_column(tbl, col)?;
     Spi::run_with_args(
         "INSERT INTO manna_crypt.registered_columns (tbl, col) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         &[tbl.into(), col.into()],
