@@ -36,7 +36,10 @@ thread_local! {
 }
 
 pub fn next_nonce() -> [u8; 12] {
-    NONCES.with(|n| n.borrow_mut().draw())
+    // SAFETY: MyProcPid is set once per process, right after fork, before
+    // any SQL runs; reading it is a plain load.
+    let pid = unsafe { pg_sys::MyProcPid } as u32;
+    NONCES.with(|n| n.borrow_mut().draw_in(pid))
 }
 
 /// Where the key for an operation comes from.

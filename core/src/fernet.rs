@@ -12,7 +12,7 @@
 //! a TTL: stored data is old by nature, and the migration reads it once.
 //! Several keys can be tried in order, like `MultiFernet`.
 
-use aes::cipher::{block_padding::Pkcs7, BlockDecryptMut, BlockEncryptMut, KeyIvInit};
+use aes::cipher::{block_padding::Pkcs7, BlockDecryptMut, BlockEncryptMut, InnerIvInit, KeyIvInit};
 use base64::alphabet::URL_SAFE;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine;
@@ -48,31 +48,39 @@ pub enum FernetError {
 
 /// A Fernet key: signing half and encryption half, wiped on drop.
 #[derive(Clone)]
-pub struct FernetKey(Key32);
+pub struct FernetKey {
+    key: Key32,
+    /// The AES-128 key schedule of the encryption half, expanded once per
+    /// key rather than once per token (wiped on drop: `aes` is built with
+    /// its `zeroize` feature).
+    decrypt: aes::Aes128,
+}
 
 impl FernetKey {
     /// Parses the usual 44-character base64url key.
     pub fn parse(text: &str) -> Option<Self> {
         let mut raw = B64.decode(text.trim()).ok()?;
-        let key = Key32::from_slice(&raw).ok().map(FernetKey);
+        let key = Key32::from_slice(&raw).ok().map(FernetKey::from_key32);
         raw.zeroize();
         key
     }
 
-    pub fn from_key32(k: Key32) -> Self {
-        FernetKey(k)
+    pub fn from_key32(key: Key32) -> Self {
+        let decrypt = <aes::Aes128 as aes::cipher::KeyInit>::new_from_slice(&key.as_bytes()[16..])
+            .expect("16-byte AES-128 key");
+        FernetKey { key, decrypt }
     }
 
     pub fn as_key32(&self) -> &Key32 {
-        &self.0
+        &self.key
     }
 
     fn signing(&self) -> &[u8] {
-        &self.0.as_bytes()[..16]
+        &self.key.as_bytes()[..16]
     }
 
     fn encryption(&self) -> &[u8] {
-        &self.0.as_bytes()[16..]
+        &self.key.as_bytes()[16..]
     }
 
     fn mac(&self, data: &[u8]) -> Hmac<Sha256> {
@@ -131,7 +139,7 @@ impl Token {
                 continue;
             }
             let mut buf = Zeroizing::new(ct.to_vec());
-            let dec = cbc::Decryptor::<aes::Aes128>::new_from_slices(key.encryption(), iv)
+            let dec = cbc::Decryptor::<aes::Aes128>::inner_iv_slice_init(key.decrypt.clone(), iv)
                 .map_err(|_| FernetError::Unauthenticated)?;
             let n = dec
                 .decrypt_padded_mut::<Pkcs7>(&mut buf)

@@ -33,7 +33,13 @@ impl NonceSource {
     }
 
     pub fn draw(&mut self) -> [u8; NONCE_LEN] {
-        let pid = std::process::id();
+        self.draw_in(std::process::id())
+    }
+
+    /// Like [`draw`](Self::draw), with the current process id supplied by
+    /// the caller. `getpid()` is a system call; PostgreSQL already keeps the
+    /// backend's pid in a global (`MyProcPid`), so the extension passes that.
+    pub fn draw_in(&mut self, pid: u32) -> [u8; NONCE_LEN] {
         let fresh = match &self.rng {
             Some((seeded_in, _)) => *seeded_in != pid || self.drawn >= RESEED_EVERY,
             None => true,
