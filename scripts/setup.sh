@@ -13,7 +13,7 @@ SUDO=""
 
 need_pkgs=()
 for p in postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-contrib libclang-dev clang pkg-config \
-         sudo python3-venv postgresql-$PG_MAJOR-cron; do
+         sudo python3-venv postgresql-$PG_MAJOR-cron bc; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
