@@ -63,6 +63,14 @@ cluster_start() {
     fi
 }
 
+# install_extension: the release build into PostgreSQL's directories (with
+# sudo when not root: they belong to root).
+install_extension() {
+    local sudo=()
+    [ "$(id -u)" = 0 ] || sudo=(--sudo)
+    (cd "$MC_ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG" "${sudo[@]}" >/dev/null)
+}
+
 # ensure_venv: the Python environment of the client tests and benchmarks
 # (psycopg, SQLAlchemy, Alembic, pytest, cryptography) in target/venv.
 ensure_venv() {

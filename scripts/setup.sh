@@ -40,5 +40,5 @@ fi
 
 log "building and installing manna_crypt into PostgreSQL $PG_MAJOR"
 cd "$MC_ROOT"
-cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null
+install_extension
 log "installed: $("$PG_CONFIG" --sharedir)/extension/manna_crypt.control"

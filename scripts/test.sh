@@ -32,7 +32,7 @@ else
 fi
 
 log "installing the release build for the cluster tests"
-cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null
+install_extension
 
 CLUSTER="$MC_ROOT/target/mc-test"
 PORT=${MC_TEST_PORT:-55432}
