@@ -366,6 +366,8 @@ pub fn fernet_keys(keyring: &str) -> McResult<Rc<Vec<(u32, FernetKey)>>> {
 type RingRow = (String, Option<i64>, Option<String>, Option<Vec<u8>>);
 
 fn load_ring(keyring: &str) -> McResult<RingEntry> {
+    // An invalid name is a bad argument (22023), not an unknown keyring.
+    super::lifecycle::check_name(keyring)?;
     resolve_data_keys_oid()?;
     let rows: Vec<RingRow> = Spi::connect(|client| {
         let rows = client.select(

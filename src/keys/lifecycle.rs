@@ -318,6 +318,8 @@ fn refuse_if_in_use(key_id: i32, action: &str, force: bool) -> McResult<()> {
 fn revoke_key(key_id: i32, force: default!(bool, false)) {
     refuse_during_recovery(c"manna_crypt.revoke_key()");
     let role = caller();
+    // As the caller: counting reads user tables (see registry::key_usage).
+    refuse_if_in_use(key_id, "revoke", force).or_raise();
     as_owner(|| {
         let row = key_row(key_id)?;
         match row.status {
@@ -330,7 +332,6 @@ fn revoke_key(key_id: i32, force: default!(bool, false)) {
             }
             _ => {}
         }
-        refuse_if_in_use(key_id, "revoke", force)?;
         Spi::run_with_args(
             "UPDATE manna_crypt.data_keys SET status = 'revoked', status_changed_at = now() WHERE key_id = $1",
             &[key_id.into()],
@@ -368,6 +369,8 @@ fn reinstate_key(key_id: i32) {
 fn destroy_key(key_id: i32, force: default!(bool, false)) {
     refuse_during_recovery(c"manna_crypt.destroy_key()");
     let role = caller();
+    // As the caller: counting reads user tables (see registry::key_usage).
+    refuse_if_in_use(key_id, "destroy", force).or_raise();
     as_owner(|| {
         let row = key_row(key_id)?;
         match row.status {
@@ -384,7 +387,6 @@ fn destroy_key(key_id: i32, force: default!(bool, false)) {
                 })
             }
         }
-        refuse_if_in_use(key_id, "destroy", force)?;
         Spi::run_with_args(
             "UPDATE manna_crypt.data_keys SET status = 'destroyed', wrapped = NULL, status_changed_at = now() WHERE key_id = $1",
             &[key_id.into()],

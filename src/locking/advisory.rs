@@ -61,9 +61,11 @@ enum Scope {
 
 fn timeout_ms(timeout: Option<Interval>) -> Option<i64> {
     timeout.map(|t| {
-        let micros = i64::from(t.months()) * 30 * 86_400_000_000
-            + i64::from(t.days()) * 86_400_000_000
-            + t.micros();
+        // Saturating: an absurd timeout means "wait very long", not an overflow.
+        let micros = i64::from(t.months())
+            .saturating_mul(30 * 86_400_000_000)
+            .saturating_add(i64::from(t.days()).saturating_mul(86_400_000_000))
+            .saturating_add(t.micros());
         if micros < 0 {
             McError::bad_arg("lock timeout must not be negative").raise();
         }

@@ -29,23 +29,24 @@ use pgrx::{AllocatedByPostgres, PgSqlErrorCode, PgTupleDesc};
 use crate::error::{McError, OrRaise};
 
 thread_local! {
-    static SUPPRESS: Cell<u32> = const { Cell::new(0) };
+    /// The table whose version the running re-encryption leaves alone.
+    static SUPPRESS: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
 }
 
-/// While alive, UPDATEs that leave the version column unchanged do not bump
-/// it. Used by the re-encryption engine around its batch UPDATE only.
-pub struct SuppressBump(());
+/// While alive, UPDATEs of `table` that leave the version column unchanged
+/// do not bump it. Used by the re-encryption engine around its own batch
+/// UPDATE only; other tables (a user trigger's writes, say) are unaffected.
+pub struct SuppressBump(pg_sys::Oid);
 
 impl SuppressBump {
-    pub fn new() -> Self {
-        SUPPRESS.with(|s| s.set(s.get() + 1));
-        SuppressBump(())
+    pub fn new(table: pg_sys::Oid) -> Self {
+        SuppressBump(SUPPRESS.with(|s| s.replace(table)))
     }
 }
 
 impl Drop for SuppressBump {
     fn drop(&mut self) {
-        SUPPRESS.with(|s| s.set(s.get().saturating_sub(1)));
+        SUPPRESS.with(|s| s.set(self.0));
     }
 }
 
@@ -190,7 +191,7 @@ fn bump<'a>(
             let new = (!new_null).then(|| read(&kind, new_d));
             match (old, new) {
                 (Some(o), Some(n)) if n == o => {
-                    if SUPPRESS.with(Cell::get) > 0 {
+                    if SUPPRESS.with(Cell::get) == (*rel).rd_id {
                         None
                     } else {
                         Some(bumped(o, &table, col)?)

@@ -240,8 +240,41 @@ fn target_form_sql(mode: &Mode, col: &str, active_key_id: u32) -> String {
     }
 }
 
+/// The column to re-encrypt, quoted: a text column of an ordinary table
+/// without inheritance children (each batch is a range of this table's own
+/// heap blocks, so a partitioned parent or inheritance children would be
+/// silently skipped: run it on each partition instead), and without a
+/// length limit (ciphertexts are longer than their plaintexts, so one long
+/// value would fail every batch that holds it).
 fn text_column(tbl: pg_sys::Oid, col: &str) -> McResult<String> {
     registry::check_text_column(tbl, col)?;
+    let (relkind, children) = Spi::get_two_with_args::<String, bool>(
+        "SELECT relkind::text, relhassubclass FROM pg_class WHERE oid = $1",
+        &[tbl.into()],
+    )?;
+    if relkind.as_deref() != Some("r") || children.unwrap_or(false) {
+        return Err(McError::BadArgument {
+            message: "re-encryption works on one ordinary table at a time".into(),
+            detail: Some("the table is partitioned or has inheritance children".into()),
+            hint: Some("CALL the procedure on each partition (each child table)".into()),
+        });
+    }
+    let limited = Spi::get_one_with_args::<bool>(
+        "SELECT atttypmod <> -1 FROM pg_attribute WHERE attrelid = $1 AND attname = $2",
+        &[tbl.into(), col.into()],
+    )?
+    .unwrap_or(false);
+    if limited {
+        return Err(McError::BadArgument {
+            message: format!("column \"{col}\" has a length limit"),
+            detail: Some(
+                "a ciphertext is longer than its plaintext (51 characters become 116)".into(),
+            ),
+            hint: Some(format!(
+                "ALTER TABLE ... ALTER COLUMN {col} TYPE text first"
+            )),
+        });
+    }
     Ok(spi_quote_ident(col))
 }
 
@@ -544,17 +577,17 @@ fn step_run(run: &mut Run) -> McResult<bool> {
     let result = if run.dry_run {
         Spi::connect(|client| {
             let rows = client.select(
-                &format!("SELECT count(*) FROM {} WHERE {qual}", run.tbl_sql),
+                &format!("SELECT count(*) FROM ONLY {} WHERE {qual}", run.tbl_sql),
                 None,
                 &[],
             )?;
             Ok::<_, McError>(rows.first().get_one::<i64>()?.unwrap_or(0))
         })
     } else {
-        let _no_bump = SuppressBump::new();
+        let _no_bump = SuppressBump::new(run.oid);
         Spi::connect_mut(|client| {
             let sql = format!(
-                "UPDATE {tbl} SET {col} = manna_crypt._reencrypt_value() WHERE {qual}",
+                "UPDATE ONLY {tbl} SET {col} = manna_crypt._reencrypt_value() WHERE {qual}",
                 tbl = run.tbl_sql,
                 col = run.col_sql
             );
