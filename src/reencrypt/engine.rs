@@ -127,7 +127,6 @@ thread_local! {
 }
 
 enum Outcome {
-    Null,
     Already,
     OtherKeyring,
     Convert(String),
@@ -156,10 +155,7 @@ fn seal_verified(keys: &Keys, plaintext: &[u8], aad: &[u8]) -> McResult<String> 
 const MALFORMED: &str = "starts like a ciphertext or Fernet token but does not parse";
 
 /// Decides what to do with one value, parsing it once.
-fn convert(mode: &Mode, keys: &Keys, value: Option<&str>, aad: &[u8]) -> Outcome {
-    let Some(value) = value else {
-        return Outcome::Null;
-    };
+fn convert(mode: &Mode, keys: &Keys, value: &str, aad: &[u8]) -> Outcome {
     let sealed = |class: Class, pt: McResult<Zeroizing<Vec<u8>>>| -> Outcome {
         match pt {
             Ok(pt) if !crate::datum::is_text(&pt) => Outcome::Fail(
@@ -275,11 +271,7 @@ fn text_column(tbl: pg_sys::Oid, col: &str) -> McResult<String> {
             )),
         });
     }
-    Ok(spi_quote_ident(col))
-}
-
-fn spi_quote_ident(name: &str) -> String {
-    pgrx::spi::quote_identifier(name)
+    Ok(pgrx::spi::quote_identifier(col))
 }
 
 fn any_column(tbl: pg_sys::Oid, col: &str) -> McResult<String> {
@@ -295,7 +287,7 @@ fn any_column(tbl: pg_sys::Oid, col: &str) -> McResult<String> {
             hint: None,
         });
     }
-    Ok(spi_quote_ident(col))
+    Ok(pgrx::spi::quote_identifier(col))
 }
 
 fn batch_keys(mode: &Mode) -> McResult<Keys> {
@@ -729,14 +721,14 @@ fn _reencrypt_row(
         match convert(
             &batch.mode,
             &batch.keys,
-            Some(value),
+            value,
             aad.unwrap_or("").as_bytes(),
         ) {
             Outcome::Convert(new) => {
                 batch.pending = Some(new);
                 true
             }
-            Outcome::Null | Outcome::Already => false,
+            Outcome::Already => false,
             Outcome::OtherKeyring => {
                 batch.counts.other_keyring += 1;
                 false
