@@ -13,6 +13,16 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 pg_bindir() { "$PG_CONFIG" --bindir; }
 
+# check_pg_config: PG_CONFIG is a pg_config of PostgreSQL $PG_MAJOR (the
+# pgNN feature the build uses comes from PG_MAJOR, everything else from
+# PG_CONFIG, so the two must agree). Call it once the packages are installed.
+check_pg_config() {
+    [ -x "$PG_CONFIG" ] || die "PG_CONFIG=$PG_CONFIG is not an executable pg_config (PG_MAJOR=$PG_MAJOR)"
+    local major
+    major=$("$PG_CONFIG" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/')
+    [ "$major" = "$PG_MAJOR" ] || die "PG_CONFIG=$PG_CONFIG is PostgreSQL $major, but PG_MAJOR=$PG_MAJOR"
+}
+
 # Runs a command as the OS user that owns the clusters.
 as_pg() {
     if [ "$(id -u)" = 0 ]; then

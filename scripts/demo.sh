@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up on a fresh machine and runs the demo:
-#   system packages, cargo-pgrx, release build installed into PostgreSQL 15,
+#   system packages, cargo-pgrx, release build installed into PostgreSQL
+#   $PG_MAJOR (15 unless set; PG_CONFIG names its pg_config, scripts/common.sh),
 #   a throwaway cluster in ./.demo (port 54329, socket in ./.demo) with a
 #   fresh root key, and demo/demo.sql. The cluster is left running.
 set -euo pipefail
@@ -20,7 +21,7 @@ cluster_psql "$DEMO" "$PORT" manna_demo -f demo/demo.sql
 cat <<TXT
 
 The demo cluster is still running (data in $DEMO/data, root key in $DEMO/keys/root.key).
-  connect:  psql -h $DEMO -p $PORT manna_demo
-  stop:     runuser -u postgres -- $(pg_bindir)/pg_ctl -D $DEMO/data stop     (as non-root: pg_ctl -D $DEMO/data stop)
+  connect:  $(pg_bindir)/psql -h $DEMO -p $PORT manna_demo
+  stop:     runuser -u postgres -- $(pg_bindir)/pg_ctl -D $DEMO/data stop     (as non-root: $(pg_bindir)/pg_ctl -D $DEMO/data stop)
   remove:   rm -rf $DEMO
 TXT

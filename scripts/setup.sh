@@ -23,6 +23,7 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 # The Debian package starts a default cluster on port 5432; manna_crypt's
 # scripts use their own clusters and do not need it.
+check_pg_config
 
 if ! command -v cargo >/dev/null; then
     die "cargo not found: install Rust (rustup) first"
@@ -31,8 +32,10 @@ if [ "$(cargo pgrx --version 2>/dev/null | awk '{print $2}')" != "$PGRX_VERSION"
     log "installing cargo-pgrx $PGRX_VERSION (about 4 minutes)"
     cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
 fi
-if ! grep -q "pg$PG_MAJOR" "$HOME/.pgrx/config.toml" 2>/dev/null; then
-    log "cargo pgrx init --pg$PG_MAJOR"
+# cargo pgrx test/run find PostgreSQL through this entry: it must name
+# PG_CONFIG itself, not just any pg_config of the same major version.
+if ! grep -qxF "pg$PG_MAJOR = \"$PG_CONFIG\"" "$HOME/.pgrx/config.toml" 2>/dev/null; then
+    log "cargo pgrx init --pg$PG_MAJOR $PG_CONFIG"
     cargo pgrx init --pg"$PG_MAJOR" "$PG_CONFIG" >/dev/null
 fi
 

@@ -12,11 +12,14 @@ source "$(dirname "$0")/common.sh"
 cd "$MC_ROOT"
 
 "$MC_ROOT/scripts/setup.sh" --deps
+log "PostgreSQL $PG_MAJOR: $PG_CONFIG"
 
 log "style: cargo fmt --check"
 cargo fmt --all -- --check
 log "style: cargo clippy -D warnings"
-cargo clippy --workspace --all-targets --features "pg15 pg_test" -- -D warnings
+# Cargo.toml's default feature is pg15: switch it off so exactly one pgNN
+# feature, the one for PG_MAJOR (scripts/common.sh), is on.
+cargo clippy --workspace --all-targets --no-default-features --features "pg$PG_MAJOR pg_test" -- -D warnings
 
 log "core unit tests"
 cargo test -p manna_crypt_core --release
@@ -26,9 +29,9 @@ PGRX_DATA="$MC_ROOT/target/pgrx-test-data"
 mkdir -p "$PGRX_DATA"
 [ "$(id -u)" = 0 ] && chown postgres:postgres "$PGRX_DATA"
 if [ "$(id -u)" = 0 ]; then
-    CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA="$PGRX_DATA" cargo pgrx test pg15
+    CARGO_PGRX_TEST_RUNAS=postgres CARGO_PGRX_TEST_PGDATA="$PGRX_DATA" cargo pgrx test "pg$PG_MAJOR"
 else
-    cargo pgrx test pg15
+    cargo pgrx test "pg$PG_MAJOR"
 fi
 
 log "installing the release build for the cluster tests"
@@ -55,5 +58,9 @@ PGXS=$(dirname "$("$PG_CONFIG" --pgxs)")
 log "client tests: pytest"
 VENV="$MC_ROOT/target/venv"
 ensure_venv
+# The PostgreSQL programs the client tests run (initdb, pg_ctl, psql,
+# pg_dump, pg_restore, pg_basebackup) come from PG_CONFIG's bin directory.
+export MC_PG_BIN
+MC_PG_BIN="$(pg_bindir)"
 MC_PGHOST="$CLUSTER" MC_PGPORT="$PORT" MC_CLUSTER_DIR="$CLUSTER" MC_ROOT="$MC_ROOT" \
     "$VENV/bin/pytest" -q --tb=short -p no:cacheprovider tests/python "$@"

@@ -247,12 +247,12 @@ mod tests {
     }
 
     /// Wycheproof AES-GCM vectors (Apache-2.0, C2SP/wycheproof; see
-    /// ../shared/vectors/README.md): every AES-256, 96-bit IV, 128-bit tag case.
+    /// tests/vectors/README.md): every AES-256, 96-bit IV, 128-bit tag case.
     #[test]
     fn wycheproof_aes_256_gcm() {
-        let path = format!(
-            "{}/../../shared/vectors/wycheproof/aes_gcm_test.json",
-            env!("CARGO_MANIFEST_DIR")
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/vectors/wycheproof/aes_gcm_test.json"
         );
         let doc: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();

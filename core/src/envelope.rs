@@ -1,4 +1,4 @@
-//! The version-1 ciphertext envelope (DESIGN.md section 1).
+//! The version-1 ciphertext envelope (docs/DESIGN.md section 1).
 //!
 //! ```text
 //! byte 0        format version, 0x01

@@ -23,6 +23,9 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::secret::Key32;
 
 const VERSION: u8 = 0x80;
+/// How every Fernet token's text begins: the version byte 0x80 followed by a
+/// timestamp whose high bytes are zero for centuries, in base64url.
+pub const TOKEN_PREFIX: &str = "gAAAAA";
 const HEADER_LEN: usize = 1 + 8 + 16;
 const MAC_LEN: usize = 32;
 const BLOCK: usize = 16;
@@ -155,7 +158,7 @@ impl Token {
 /// Whether `text` has the shape of a Fernet token (no key needed). Used to
 /// classify column values.
 pub fn looks_like_token(text: &str) -> bool {
-    text.starts_with("gAAAAA") && Token::parse(text).is_ok()
+    text.starts_with(TOKEN_PREFIX) && Token::parse(text).is_ok()
 }
 
 /// Writes a token with a given timestamp and IV. The extension never writes
@@ -180,9 +183,9 @@ mod tests {
     use serde_json::Value;
 
     fn vectors(name: &str) -> Vec<Value> {
-        // Public test vectors from the Fernet spec; see ../shared/vectors/README.md.
+        // Public test vectors from the Fernet spec; see tests/vectors/README.md.
         let path = format!(
-            "{}/../../shared/vectors/fernet/{name}.json",
+            "{}/../tests/vectors/fernet/{name}.json",
             env!("CARGO_MANIFEST_DIR")
         );
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));

@@ -9,11 +9,15 @@
 //! - [`nonce`]: per-process CSPRNG for 96-bit nonces, safe across `fork()`;
 //! - [`keywrap`]: data keys wrapped under the root key, and the key check value;
 //! - [`fernet`]: reading (and, for tests, writing) legacy Fernet tokens;
-//! - [`secret`]: a 32-byte key type that is wiped when dropped.
+//! - [`secret`]: a 32-byte key type that is wiped when dropped;
+//! - [`names`]: the rule for keyring names;
+//! - [`classify`]: what a stored text value is (ciphertext, token, plaintext).
 
 pub mod aead;
+pub mod classify;
 pub mod envelope;
 pub mod fernet;
 pub mod keywrap;
+pub mod names;
 pub mod nonce;
 pub mod secret;

@@ -1,6 +1,6 @@
 //! 96-bit nonces from a per-process CSPRNG.
 //!
-//! Every encryption draws a fresh random 96-bit nonce (DESIGN.md section 1).
+//! Every encryption draws a fresh random 96-bit nonce (docs/DESIGN.md section 1).
 //! Asking the kernel for 12 bytes per row costs a system call per row, so
 //! each process keeps a ChaCha20 generator seeded from the OS CSPRNG.
 //!
@@ -14,7 +14,8 @@
 use rand_chacha::ChaCha20Rng;
 use rand_core::{OsRng, RngCore, SeedableRng};
 
-pub const NONCE_LEN: usize = 12;
+/// The envelope's nonce length: one constant for the format and its source.
+pub use crate::envelope::NONCE_LEN;
 
 /// Outputs drawn between two reseeds from the kernel.
 const RESEED_EVERY: u32 = 1 << 20;

@@ -36,11 +36,29 @@ from pathlib import Path
 
 import psycopg
 
-PG_BIN = Path(os.environ.get("MC_PG_BIN", "/usr/lib/postgresql/15/bin"))
 MC_ROOT = Path(os.environ.get("MC_ROOT", Path(__file__).resolve().parents[2]))
 CLUSTERS = MC_ROOT / "target" / "clusters"
 SERVER_USER = "postgres"
 IS_ROOT = os.geteuid() == 0
+
+
+def pg_bin(program: str) -> str:
+    """The path of a PostgreSQL program (initdb, pg_ctl, psql, pg_dump, ...)
+    of the server under test: every test reaches PostgreSQL's programs through
+    here. They come from MC_PG_BIN, which scripts/test.sh sets to
+    `pg_config --bindir` of PG_CONFIG (scripts/common.sh). There is no
+    default: a guessed directory could silently test another major version."""
+    bindir = os.environ.get("MC_PG_BIN")
+    if not bindir:
+        raise RuntimeError(
+            "MC_PG_BIN is not set: it must name the bin directory of the PostgreSQL "
+            "under test (scripts/test.sh exports it from PG_CONFIG; run the suite "
+            "with scripts/test.sh, or set MC_PG_BIN=$(pg_config --bindir))"
+        )
+    path = Path(bindir) / program
+    if not path.is_file():
+        raise RuntimeError(f"{program} not found in MC_PG_BIN={bindir}")
+    return str(path)
 
 
 def new_root_key() -> str:
@@ -162,7 +180,7 @@ class Cluster:
 
     def _initdb(self):
         r = as_server(
-            [str(PG_BIN / "initdb"), "-D", str(self.data), "-U", SERVER_USER,
+            [pg_bin("initdb"), "-D", str(self.data), "-U", SERVER_USER,
              "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"]
         )
         if r.returncode != 0:
@@ -213,7 +231,7 @@ class Cluster:
     # ---- control -------------------------------------------------------------
 
     def pg_ctl(self, *args, check=True):
-        r = as_server([str(PG_BIN / "pg_ctl"), "-D", str(self.data), *args])
+        r = as_server([pg_bin("pg_ctl"), "-D", str(self.data), *args])
         if check and r.returncode != 0:
             raise RuntimeError(
                 f"pg_ctl {' '.join(args)} failed: {r.stderr[-1000:]}\n{self.log_tail()}"
@@ -261,7 +279,7 @@ class Cluster:
 
     def psql(self, db, *args, sql=None, check=True, user=SERVER_USER):
         """Runs psql (as the current OS user, connecting as `user`)."""
-        cmd = [str(PG_BIN / "psql"), "-X", "-q", "-h", self.host, "-p", str(self.port),
+        cmd = [pg_bin("psql"), "-X", "-q", "-h", self.host, "-p", str(self.port),
                "-U", user, "-d", db, "-v", "ON_ERROR_STOP=1", *args]
         if sql is not None:
             cmd += ["-c", sql]
@@ -272,7 +290,7 @@ class Cluster:
 
     def pg_tool(self, tool, *args, check=True, **kw):
         """Runs a client program (pg_dump, pg_restore, ...) against this cluster."""
-        cmd = [str(PG_BIN / tool), "-h", self.host, "-p", str(self.port), "-U", SERVER_USER, *args]
+        cmd = [pg_bin(tool), "-h", self.host, "-p", str(self.port), "-U", SERVER_USER, *args]
         r = subprocess.run(cmd, capture_output=True, **kw)
         if check and r.returncode != 0:
             err = r.stderr if isinstance(r.stderr, str) else r.stderr.decode(errors="replace")
@@ -305,7 +323,7 @@ class Cluster:
         sb = Cluster(name, _init=False)
         try:
             r = as_server(
-                [str(PG_BIN / "pg_basebackup"), "-h", self.host, "-p", str(self.port),
+                [pg_bin("pg_basebackup"), "-h", self.host, "-p", str(self.port),
                  "-U", SERVER_USER, "-D", str(sb.data), "-R", "-X", "stream",
                  "-c", "fast", "--no-sync"]
             )
@@ -415,7 +433,7 @@ def text_of(envelope: bytes) -> str:
 
 
 def seal(key: bytes, key_id: int, plaintext: bytes, aad: bytes = b"") -> bytes:
-    """A version-1 envelope made in Python (DESIGN.md section 1)."""
+    """A version-1 envelope made in Python (docs/DESIGN.md section 1)."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     header = bytes([1]) + key_id.to_bytes(4, "big")

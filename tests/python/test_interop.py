@@ -1,4 +1,4 @@
-"""Interoperability with Python `cryptography` (DESIGN.md section 1).
+"""Interoperability with Python `cryptography` (docs/DESIGN.md section 1).
 
 The version-1 envelope is
 

@@ -1,4 +1,4 @@
-"""Envelope key management against the shared cluster (DESIGN.md sections 2,
+"""Envelope key management against the shared cluster (docs/DESIGN.md sections 2,
 3 and 6): the keyring lifecycle, keyring encryption, error codes, two real
 sessions seeing revocations and rotations, privileges, and that no key
 material leaks into info(), the keys view or the audit log.

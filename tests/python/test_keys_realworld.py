@@ -1,4 +1,4 @@
-"""Key management in the situations operators meet (DESIGN.md section 2):
+"""Key management in the situations operators meet (docs/DESIGN.md section 2):
 pg_dump/restore into another cluster, a hot standby, and what reaches the
 server log. Each test runs on clusters of its own (mc_cluster.Cluster).
 """

@@ -1,4 +1,4 @@
-"""The root key (DESIGN.md section 2): where it comes from, how a bad one is
+"""The root key (docs/DESIGN.md section 2): where it comes from, how a bad one is
 refused (58P01 / 58030 / F0000), who may see or set it, and root-key
 rotation with rewrap_keys(). Runs on a cluster of its own, since it changes
 the server's configuration.

@@ -589,7 +589,7 @@ def test_misuse_gets_sqlstate_and_backend_survives(fresh_db, setup, statement, s
 )
 def test_null_lock_name_is_a_user_error(fresh_db, statement):
     """A NULL lock name is bad user input: 22004 or 22023 with a short message,
-    not XX000 with a Rust backtrace (DESIGN.md section 6)."""
+    not XX000 with a Rust backtrace (docs/DESIGN.md section 6)."""
     with connect(fresh_db) as c:
         pid = c.info.backend_pid
         with pytest.raises(psycopg.Error) as info:

@@ -1,5 +1,5 @@
 """SQLAlchemy 2 ORM optimistic locking on top of the version_bump trigger
-(DESIGN.md section 5), in both of SQLAlchemy's modes:
+(docs/DESIGN.md section 5), in both of SQLAlchemy's modes:
 
 * client-side counter (the default): the ORM sends
   `SET version = old + 1 ... WHERE id = ? AND version = old`; the trigger

@@ -1,4 +1,4 @@
-"""decrypt_fernet and the in-place re-encryption procedures (DESIGN.md
+"""decrypt_fernet and the in-place re-encryption procedures (docs/DESIGN.md
 section 4), driven by a real client: tokens made by Python's `cryptography`
 (Fernet / MultiFernet, as the applications being migrated made them).
 

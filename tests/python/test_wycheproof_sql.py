@@ -1,11 +1,11 @@
 """Wycheproof AES-GCM vectors through SQL `manna_crypt.aes_gcm_decrypt`.
 
 Test vectors: C2SP/wycheproof `testvectors_v1/aes_gcm_test.json`, Apache
-License 2.0, copied unmodified; source, commit and licence are recorded in
-shared/vectors/README.md (next to this repository: ../shared/vectors/).
+License 2.0, copied unmodified into tests/vectors/wycheproof/; source, commit
+and licence are recorded in tests/vectors/README.md.
 
 The envelope binds its header into the AAD, so published vectors cannot pass
-through `decrypt_gcm` (DESIGN.md section 1); the bare primitive takes the
+through `decrypt_gcm` (docs/DESIGN.md section 1); the bare primitive takes the
 vector's key, IV, ciphertext||tag and AAD as they are. Groups with AES-256,
 96-bit IVs and 128-bit tags (66 tests: 39 valid, 27 invalid) must give `msg`
 or SQLSTATE 39000. Every other group must be refused before any decryption:
@@ -13,7 +13,6 @@ a key that is not 32 bytes, or an IV that is not 12 bytes, is 22023.
 """
 
 import json
-import os
 import uuid
 from pathlib import Path
 
@@ -22,8 +21,7 @@ import pytest
 
 from conftest import connect, create_database
 
-MC_ROOT = Path(os.environ.get("MC_ROOT", Path(__file__).resolve().parents[2]))
-VECTORS = MC_ROOT / ".." / "shared" / "vectors" / "wycheproof" / "aes_gcm_test.json"
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "wycheproof" / "aes_gcm_test.json"
 
 SQL = "SELECT manna_crypt.aes_gcm_decrypt(%s, %s, %s, %s)"
 

@@ -2,7 +2,7 @@ SET client_min_messages = warning;
 CREATE EXTENSION IF NOT EXISTS manna_crypt;
 RESET client_min_messages;
 \set VERBOSITY sqlstate
--- Every bad input a user can give, with its SQLSTATE (DESIGN.md section 6);
+-- Every bad input a user can give, with its SQLSTATE (docs/DESIGN.md section 6);
 -- after each error its primary message is echoed too, so the message style
 -- (lowercase, no trailing period, no key material) is pinned as well.
 --   22P02 malformed ciphertext   22023 bad argument   39000 authentication

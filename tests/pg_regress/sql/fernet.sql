@@ -7,7 +7,7 @@ RESET client_min_messages;
 --
 -- Vectors: the Fernet spec (GitHub fernet/spec, commit 20dead47, also shipped
 -- by pyca/cryptography in vectors/cryptography_vectors/fernet/), copied from
--- /work/shared/vectors/fernet/{verify,invalid}.json; see that README.
+-- tests/vectors/fernet/{verify,invalid}.json; see tests/vectors/README.md.
 -- decrypt_fernet takes no time or TTL, so only the first six invalid.json
 -- cases apply (far-future timestamp and expired TTL are TTL checks).
 SET search_path = manna_crypt, public;

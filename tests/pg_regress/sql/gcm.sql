@@ -3,7 +3,7 @@ CREATE EXTENSION IF NOT EXISTS manna_crypt;
 RESET client_min_messages;
 \set VERBOSITY sqlstate
 -- The raw-key AES-256-GCM functions: round trips, AAD, NULL semantics and the
--- version-1 envelope (DESIGN.md section 1). Ciphertexts have random nonces,
+-- version-1 envelope (docs/DESIGN.md section 1). Ciphertexts have random nonces,
 -- so nothing here prints one: only round trips, lengths, booleans.
 SET search_path = manna_crypt, public;
 SELECT decode('000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f', 'hex') AS k1,

@@ -2,7 +2,7 @@ SET client_min_messages = warning;
 CREATE EXTENSION IF NOT EXISTS manna_crypt;
 RESET client_min_messages;
 \set VERBOSITY sqlstate
--- Optimistic locking (DESIGN.md section 5) and named advisory locks.
+-- Optimistic locking (docs/DESIGN.md section 5) and named advisory locks.
 -- Errors print their SQLSTATE; the primary message is echoed after the
 -- interesting ones. The stale-version errors are shown with VERBOSITY default
 -- so the message, DETAIL (expected/current) and HINT are pinned too.

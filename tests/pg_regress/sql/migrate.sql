@@ -2,7 +2,7 @@ SET client_min_messages = warning;
 CREATE EXTENSION IF NOT EXISTS manna_crypt;
 RESET client_min_messages;
 \set VERBOSITY sqlstate
--- The in-place re-encryption procedures (DESIGN.md section 4):
+-- The in-place re-encryption procedures (docs/DESIGN.md section 4):
 -- migrate_fernet, rewrap_column, encrypt_column, column_status,
 -- reencrypt_runs / reencrypt_failures, and the key-retirement guard.
 -- Progress NOTICEs carry rates and timings, so every CALL runs with
