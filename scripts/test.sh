@@ -16,6 +16,12 @@ log "PostgreSQL $PG_MAJOR: $PG_CONFIG"
 
 log "style: cargo fmt --check"
 cargo fmt --all -- --check
+# rustfmt silently leaves alone any statement holding a line it cannot fit
+# in 100 columns (a long string literal): no such line may exist, so every
+# statement is really formatted. SQL goes in named constants with `\`
+# continuation lines.
+long=$(grep -rn --include='*.rs' '.\{101,\}' src core/src || true)
+[ -z "$long" ] || { printf '%s\n' "$long" >&2; die "Rust lines over 100 columns (rustfmt skips them)"; }
 log "style: cargo clippy -D warnings"
 # Cargo.toml's default feature is pg15: switch it off so exactly one pgNN
 # feature, the one for PG_MAJOR (scripts/common.sh), is on.

@@ -93,3 +93,10 @@ SELECT pg_catalog.pg_extension_config_dump('manna_crypt.root_key_check', '');
 SELECT pg_catalog.pg_extension_config_dump('manna_crypt.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('manna_crypt.audit_log_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('manna_crypt.registered_columns', '');
+
+COMMENT ON SCHEMA manna_crypt IS 'manna_crypt: AES-256-GCM field encryption with envelope key management';
+COMMENT ON TABLE manna_crypt.keyrings IS 'named keyrings (kind gcm or fernet)';
+COMMENT ON TABLE manna_crypt.data_keys IS 'data keys, wrapped under the root key; no plaintext key material';
+COMMENT ON TABLE manna_crypt.root_key_check IS 'check value of the root key the data keys are wrapped under (an HMAC, not the key)';
+COMMENT ON TABLE manna_crypt.audit_log IS 'append-only record of key lifecycle events and migrations';
+COMMENT ON TABLE manna_crypt.registered_columns IS 'columns known to hold ciphertexts';

@@ -1,43 +1,6 @@
 -- manna_crypt finalize: runs after every function exists.
--- Cache invalidation triggers, the keys view, privileges, comments.
-
--- Any change to key state, however made, reaches every backend's key cache
--- by its next transaction (see src/keys/cache.rs).
-CREATE FUNCTION manna_crypt._keys_changed() RETURNS trigger
-    LANGUAGE plpgsql AS
-$$
-BEGIN
-    PERFORM manna_crypt._invalidate_key_cache();
-    RETURN NULL;
-END
-$$;
-CREATE TRIGGER invalidate_key_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON manna_crypt.data_keys
-    FOR EACH STATEMENT EXECUTE FUNCTION manna_crypt._keys_changed();
-CREATE TRIGGER invalidate_key_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON manna_crypt.keyrings
-    FOR EACH STATEMENT EXECUTE FUNCTION manna_crypt._keys_changed();
-CREATE TRIGGER invalidate_key_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON manna_crypt.root_key_check
-    FOR EACH STATEMENT EXECUTE FUNCTION manna_crypt._keys_changed();
-
--- The audit log only grows.
-CREATE FUNCTION manna_crypt._audit_log_append_only() RETURNS trigger
-    LANGUAGE plpgsql AS
-$$
-BEGIN
-    RAISE EXCEPTION 'manna_crypt.audit_log is append-only'
-        USING ERRCODE = '42501', HINT = 'audit entries cannot be changed or deleted';
-END
-$$;
-CREATE TRIGGER append_only BEFORE UPDATE OR DELETE ON manna_crypt.audit_log
-    FOR EACH ROW EXECUTE FUNCTION manna_crypt._audit_log_append_only();
-CREATE TRIGGER append_only_truncate BEFORE TRUNCATE ON manna_crypt.audit_log
-    FOR EACH STATEMENT EXECUTE FUNCTION manna_crypt._audit_log_append_only();
-
--- Key metadata without material.
-CREATE VIEW manna_crypt.keys AS
-SELECT k.key_id, r.name AS keyring, r.kind, k.version, k.status,
-       k.created_at, k.status_changed_at, k.root_fingerprint, r.rotation_period
-  FROM manna_crypt.data_keys k
-  JOIN manna_crypt.keyrings r USING (keyring_id);
+-- Privileges on everything, and the comments on the functions defined in
+-- Rust (objects defined in SQL carry their comment where they are created).
 
 ---------------------------------------------------------------------------
 -- Privileges: PUBLIC gets nothing that touches keys.
@@ -118,8 +81,6 @@ GRANT SELECT ON manna_crypt.registered_columns TO manna_crypt_admin;
 ---------------------------------------------------------------------------
 -- Comments
 ---------------------------------------------------------------------------
-COMMENT ON SCHEMA manna_crypt IS 'manna_crypt: AES-256-GCM field encryption with envelope key management';
-COMMENT ON DOMAIN manna_crypt.encrypted_text IS 'text holding a well-formed manna_crypt version-1 ciphertext ("mc1:" + base64); rejects plaintext';
 COMMENT ON FUNCTION manna_crypt.encrypt_gcm(text, text, text) IS 'encrypt text under the active key of a keyring, optional AAD; returns mc1: text';
 COMMENT ON FUNCTION manna_crypt.encrypt_gcm(text, bytea, text) IS 'encrypt text under a raw 32-byte key (key id 0), optional AAD; the key appears in SQL text and logs';
 COMMENT ON FUNCTION manna_crypt.encrypt_gcm(bytea, text, text) IS 'encrypt bytes under the active key of a keyring; returns the binary envelope';
@@ -145,17 +106,7 @@ COMMENT ON FUNCTION manna_crypt.info() IS 'version, root key source and fingerpr
 COMMENT ON FUNCTION manna_crypt.register_column(regclass, text) IS 'record that a text column holds ciphertexts, protecting the keys it uses';
 COMMENT ON FUNCTION manna_crypt.unregister_column(regclass, text) IS 'forget a registered column';
 COMMENT ON FUNCTION manna_crypt._invalidate_key_cache() IS 'internal: queue a key cache invalidation for every backend';
-COMMENT ON FUNCTION manna_crypt._keys_changed() IS 'internal: trigger calling _invalidate_key_cache()';
-COMMENT ON FUNCTION manna_crypt._audit_log_append_only() IS 'internal: keeps audit_log append-only';
-COMMENT ON TABLE manna_crypt.keyrings IS 'named keyrings (kind gcm or fernet)';
-COMMENT ON TABLE manna_crypt.data_keys IS 'data keys, wrapped under the root key; no plaintext key material';
-COMMENT ON TABLE manna_crypt.root_key_check IS 'check value of the root key the data keys are wrapped under (an HMAC, not the key)';
-COMMENT ON TABLE manna_crypt.audit_log IS 'append-only record of key lifecycle events and migrations';
-COMMENT ON TABLE manna_crypt.registered_columns IS 'columns known to hold ciphertexts';
-COMMENT ON VIEW manna_crypt.keys IS 'every data key with its keyring, version and status; no key material';
 COMMENT ON FUNCTION manna_crypt.version_bump() IS 'optimistic-locking trigger: equal version bumps, old+1 is accepted, anything else raises 40001';
-COMMENT ON FUNCTION manna_crypt.enable_optimistic_locking(regclass, name) IS 'add the version column (bigint NOT NULL DEFAULT 1) if missing and install the version_bump trigger; idempotent';
-COMMENT ON FUNCTION manna_crypt.disable_optimistic_locking(regclass) IS 'remove the version_bump trigger (the column stays)';
 COMMENT ON FUNCTION manna_crypt.lock_key(text) IS 'the advisory lock key of a lock name: first 8 bytes of sha256(''manna_crypt:'' || name) as signed big-endian int8';
 COMMENT ON FUNCTION manna_crypt.lock_xact(text, interval) IS 'take a named lock until the end of the transaction, waiting at most timeout (NULL: forever); 55P03 on timeout';
 COMMENT ON FUNCTION manna_crypt.lock_session(text, interval) IS 'take a named lock until unlock() or the end of the session, waiting at most timeout; 55P03 on timeout';
@@ -165,16 +116,8 @@ COMMENT ON FUNCTION manna_crypt.unlock(text) IS 'release one hold of a named ses
 COMMENT ON FUNCTION manna_crypt.lock_holder(text) IS 'pid of a session holding the named lock, or NULL';
 COMMENT ON FUNCTION manna_crypt.decrypt_fernet(text, text) IS 'decrypt a legacy Fernet token with the keys of a Fernet keyring (newest first); HMAC checked in constant time before decryption';
 COMMENT ON FUNCTION manna_crypt.value_class(text) IS 'what a stored value is: mc1, fernet, malformed or plaintext (no key needed)';
-COMMENT ON FUNCTION manna_crypt.column_status(regclass, name) IS 'counts of NULL, plaintext, Fernet, malformed and mc1 values per key id of a column';
 COMMENT ON FUNCTION manna_crypt._reencrypt_start(text, regclass, text, text, text, integer, text, boolean) IS 'internal: start or resume a re-encryption run';
 COMMENT ON FUNCTION manna_crypt._reencrypt_step(bigint) IS 'internal: re-encrypt one batch; true while more remains';
 COMMENT ON FUNCTION manna_crypt._reencrypt_finish(bigint) IS 'internal: finish a re-encryption run';
-COMMENT ON PROCEDURE manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean) IS 're-encrypt Fernet tokens in place as AES-256-GCM, committing per batch';
-COMMENT ON PROCEDURE manna_crypt.rewrap_column(regclass, name, text, integer, name, boolean) IS 're-encrypt values under older key versions of a keyring with its active key, committing per batch';
-COMMENT ON PROCEDURE manna_crypt.encrypt_column(regclass, name, text, integer, name, boolean) IS 'encrypt plaintext values of a column in place, committing per batch';
-COMMENT ON TABLE manna_crypt.reencrypt_runs IS 're-encryption runs and their progress, updated in each batch''s transaction';
-COMMENT ON TABLE manna_crypt.reencrypt_failures IS 'rows a run left untouched, with the reason (never the value)';
-COMMENT ON VIEW manna_crypt.reencrypt_progress IS 're-encryption progress, readable while a run is going on';
 COMMENT ON FUNCTION manna_crypt._reencrypt_row(tid, text, text) IS 'internal: convert one row inside a re-encryption batch, or record why not';
 COMMENT ON FUNCTION manna_crypt._reencrypt_value() IS 'internal: the value _reencrypt_row produced for the row being updated';
-COMMENT ON PROCEDURE manna_crypt._reencrypt_run(text, regclass, name, text, text, integer, name, boolean) IS 'internal: the batch loop shared by migrate_fernet, rewrap_column and encrypt_column';

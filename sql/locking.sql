@@ -37,3 +37,6 @@ BEGIN
     END IF;
 END
 $$;
+
+COMMENT ON FUNCTION manna_crypt.enable_optimistic_locking(regclass, name) IS 'add the version column (bigint NOT NULL DEFAULT 1) if missing and install the version_bump trigger; idempotent';
+COMMENT ON FUNCTION manna_crypt.disable_optimistic_locking(regclass) IS 'remove the version_bump trigger (the column stays)';

@@ -1,4 +1,4 @@
--- In-place re-encryption (DESIGN.md section 4): progress and failure tables,
+-- In-place re-encryption (docs/DESIGN.md section 4): progress and failure tables,
 -- the three procedures, column_status().
 
 CREATE TABLE manna_crypt.reencrypt_runs (
@@ -115,3 +115,12 @@ BEGIN
           ORDER BY 1, 2', col, tbl);
 END
 $$;
+
+COMMENT ON FUNCTION manna_crypt.column_status(regclass, name) IS 'counts of NULL, plaintext, Fernet, malformed and mc1 values per key id of a column';
+COMMENT ON PROCEDURE manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean) IS 're-encrypt Fernet tokens in place as AES-256-GCM, committing per batch';
+COMMENT ON PROCEDURE manna_crypt.rewrap_column(regclass, name, text, integer, name, boolean) IS 're-encrypt values under older key versions of a keyring with its active key, committing per batch';
+COMMENT ON PROCEDURE manna_crypt.encrypt_column(regclass, name, text, integer, name, boolean) IS 'encrypt plaintext values of a column in place, committing per batch';
+COMMENT ON TABLE manna_crypt.reencrypt_runs IS 're-encryption runs and their progress, updated in each batch''s transaction';
+COMMENT ON TABLE manna_crypt.reencrypt_failures IS 'rows a run left untouched, with the reason (never the value)';
+COMMENT ON VIEW manna_crypt.reencrypt_progress IS 're-encryption progress, readable while a run is going on';
+COMMENT ON PROCEDURE manna_crypt._reencrypt_run(text, regclass, name, text, text, integer, name, boolean) IS 'internal: the batch loop shared by migrate_fernet, rewrap_column and encrypt_column';

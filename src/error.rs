@@ -1,5 +1,10 @@
 //! One error type for everything a user can get wrong, each variant mapped to
-//! exactly one SQLSTATE from DESIGN.md section 6.
+//! exactly one SQLSTATE (docs/DESIGN.md section 6, and PostgreSQL's own codes
+//! where the condition is PostgreSQL's: a lock, a privilege, a column).
+//!
+//! An error that can arise in more than one place has one constructor here
+//! (`unknown_keyring`, `unknown_key`, `version_overflow`), so it reads the
+//! same wherever it comes from.
 //!
 //! Messages follow PostgreSQL style: lowercase, no trailing period, specifics
 //! in DETAIL and HINT. No variant can carry key material or plaintext: they
@@ -8,6 +13,7 @@
 use manna_crypt_core::aead::AuthError;
 use manna_crypt_core::envelope::FormatError;
 use manna_crypt_core::fernet::FernetError;
+use manna_crypt_core::names::BadName;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode as Code;
@@ -62,12 +68,18 @@ pub enum McError {
     Duplicate(String),
     /// XX000: a bug in manna_crypt, never the user's input.
     Internal(String),
-    /// 0A000 / 39P01 etc.: a trigger or function used where it cannot work.
-    Usage {
-        code: Code,
-        message: String,
-        hint: Option<String>,
-    },
+    /// 25001: a procedure that commits was called inside a transaction block.
+    InTransactionBlock { message: String, hint: String },
+    /// 55P03: a lock is held by another session (a named lock, a run).
+    LockNotAvailable { message: String, hint: String },
+    /// 39P01: a trigger function fired in a way it cannot work.
+    TriggerMisuse { message: String, hint: String },
+    /// 42703: a column named by the caller does not exist.
+    UndefinedColumn { message: String, hint: String },
+    /// 42804: a column named by the caller has the wrong type.
+    WrongType { message: String, hint: String },
+    /// 42501: the caller lacks a privilege.
+    PermissionDenied { message: String, hint: String },
 }
 
 pub type McResult<T> = Result<T, McError>;
@@ -78,6 +90,32 @@ impl McError {
             message: message.into(),
             detail: None,
             hint: None,
+        }
+    }
+
+    pub fn unknown_keyring(name: &str) -> Self {
+        McError::UnknownObject {
+            message: format!("keyring \"{name}\" does not exist"),
+            hint: Some(
+                "see SELECT * FROM manna_crypt.keys; create it with manna_crypt.create_keyring()"
+                    .into(),
+            ),
+        }
+    }
+
+    pub fn unknown_key(key_id: i64) -> Self {
+        McError::UnknownObject {
+            message: format!("key id {key_id} does not exist"),
+            hint: Some("see SELECT * FROM manna_crypt.keys".into()),
+        }
+    }
+
+    /// An optimistic-locking version that would pass its type's maximum.
+    pub fn version_overflow(table: &str, col: &str) -> Self {
+        McError::BadArgument {
+            message: format!("version column \"{col}\" of table \"{table}\" overflowed"),
+            detail: None,
+            hint: Some("use a bigint version column".into()),
         }
     }
 
@@ -95,41 +133,82 @@ impl McError {
             McError::NotUtf8 => Code::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
             McError::Internal(_) => Code::ERRCODE_INTERNAL_ERROR,
             McError::Duplicate(_) => Code::ERRCODE_DUPLICATE_OBJECT,
-            McError::Usage { code, .. } => *code,
+            McError::InTransactionBlock { .. } => Code::ERRCODE_ACTIVE_SQL_TRANSACTION,
+            McError::LockNotAvailable { .. } => Code::ERRCODE_LOCK_NOT_AVAILABLE,
+            McError::TriggerMisuse { .. } => Code::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            McError::UndefinedColumn { .. } => Code::ERRCODE_UNDEFINED_COLUMN,
+            McError::WrongType { .. } => Code::ERRCODE_DATATYPE_MISMATCH,
+            McError::PermissionDenied { .. } => Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
         }
     }
 
     fn parts(self) -> (String, Option<String>, Option<String>) {
         match self {
-            McError::Malformed { what, detail } => (format!("malformed {what}"), Some(detail), None),
-            McError::BadArgument { message, detail, hint } => (message, detail, hint),
+            McError::Malformed { what, detail } => {
+                (format!("malformed {what}"), Some(detail), None)
+            }
+            McError::BadArgument {
+                message,
+                detail,
+                hint,
+            } => (message, detail, hint),
             McError::Unauthenticated { detail } => (
                 "decryption failed: wrong key or corrupt data".into(),
                 Some(detail),
                 Some("check the key and the associated data (aad) used at encryption".into()),
             ),
             McError::UnknownObject { message, hint } => (message, None, hint),
-            McError::WrongState { message, detail, hint } => (message, detail, hint),
+            McError::WrongState {
+                message,
+                detail,
+                hint,
+            } => (message, detail, hint),
             McError::RootKeyMissing { message, hint } => (message, None, hint),
-            McError::RootKeyIo { message, detail, hint } => (message, detail, hint),
+            McError::RootKeyIo {
+                message,
+                detail,
+                hint,
+            } => (message, detail, hint),
             McError::RootKeyMismatch { detail } => (
                 "root key does not match".into(),
                 Some(detail),
-                Some("configure the root key these data keys were created under, or set manna_crypt.previous_root_key_file and call manna_crypt.rewrap_keys()".into()),
+                Some(
+                    "configure the root key these data keys were created under, or set \
+                     manna_crypt.previous_root_key_file and call manna_crypt.rewrap_keys()"
+                        .into(),
+                ),
             ),
-            McError::StaleVersion { table, expected, current } => (
+            McError::StaleVersion {
+                table,
+                expected,
+                current,
+            } => (
                 format!("stale row version for table \"{table}\""),
-                Some(format!("the update expected version {expected}, but the current version is {current}")),
+                Some(format!(
+                    "the update expected version {expected}, but the current version is {current}"
+                )),
                 Some("reread the row and retry the update".into()),
             ),
             McError::NotUtf8 => (
                 "decrypted value is not valid text".into(),
-                Some("the value authenticated, but its plaintext is not UTF-8 or contains a NUL byte".into()),
-                Some("use the bytea form: decrypt_gcm(decode(substr(ciphertext, 5), 'base64'), ...)".into()),
+                Some(
+                    "the value authenticated, but its plaintext is not UTF-8 or contains a NUL \
+                     byte"
+                        .into(),
+                ),
+                Some(
+                    "use the bytea form: decrypt_gcm(decode(substr(ciphertext, 5), 'base64'), ...)"
+                        .into(),
+                ),
             ),
             McError::Internal(message) => (message, None, None),
             McError::Duplicate(message) => (message, None, None),
-            McError::Usage { message, hint, .. } => (message, None, hint),
+            McError::InTransactionBlock { message, hint }
+            | McError::LockNotAvailable { message, hint }
+            | McError::TriggerMisuse { message, hint }
+            | McError::UndefinedColumn { message, hint }
+            | McError::WrongType { message, hint }
+            | McError::PermissionDenied { message, hint } => (message, None, Some(hint)),
         }
     }
 
@@ -175,9 +254,14 @@ impl From<AuthError> for McError {
 impl From<FernetError> for McError {
     fn from(e: FernetError) -> Self {
         match e {
-            FernetError::Malformed(why) => McError::Malformed { what: "fernet token", detail: why.into() },
+            FernetError::Malformed(why) => McError::Malformed {
+                what: "fernet token",
+                detail: why.into(),
+            },
             FernetError::Unauthenticated => McError::Unauthenticated {
-                detail: "no key of the keyring verifies the Fernet token's HMAC, or its padding is invalid".into(),
+                detail: "no key of the keyring verifies the Fernet token's HMAC, or its \
+                         padding is invalid"
+                    .into(),
             },
         }
     }
@@ -202,6 +286,20 @@ impl<T, E: Into<McError>> OrRaise<T> for Result<T, E> {
         match self {
             Ok(v) => v,
             Err(e) => e.into().raise(),
+        }
+    }
+}
+
+impl From<BadName> for McError {
+    fn from(e: BadName) -> Self {
+        McError::BadArgument {
+            message: "invalid keyring name".into(),
+            detail: Some(format!("the name given is {} bytes long", e.len)),
+            hint: Some(
+                "a keyring name is 1 to 63 characters: a lowercase letter, then lowercase \
+                 letters, digits or underscores"
+                    .into(),
+            ),
         }
     }
 }

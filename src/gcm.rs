@@ -1,9 +1,9 @@
 //! `encrypt_gcm` / `decrypt_gcm` and the bare `aes_gcm_decrypt` primitive.
 //!
-//! Every SQL form funnels into [`seal_value`] and [`open_value`]; the forms
-//! differ only in where the key comes from (a raw 32-byte key, id 0, or a
-//! keyring's data key found through [`crate::keys::cache`]) and whether the
-//! envelope travels as bytea or as `mc1:` text.
+//! SQL wrappers only: every form funnels into [`crate::crypto`]'s
+//! `seal_value` and `open_value`; the forms differ only in where the key
+//! comes from (a raw 32-byte key, id 0, or a keyring's data key) and whether
+//! the envelope travels as bytea or as `mc1:` text.
 //!
 //! Volatility: encryption draws a random nonce, so it is VOLATILE. Raw-key
 //! decryption depends only on its arguments: IMMUTABLE. Keyring decryption
@@ -15,100 +15,14 @@
 //! AAD means "no AAD", but a NULL key or keyring is an error, so a missing key
 //! can never silently turn a secret into NULL.
 
-use std::cell::RefCell;
-
-use manna_crypt_core::aead::{self, Cipher};
+use manna_crypt_core::aead;
 use manna_crypt_core::envelope::{self, Envelope};
-use manna_crypt_core::nonce::NonceSource;
-use manna_crypt_core::secret::Key32;
 use pgrx::prelude::*;
 use zeroize::Zeroizing;
 
-use crate::datum::{EncryptedText, SecretBytes, SecretText};
+use crate::crypto::{open_value, raw_key, seal_value, KeySource};
 use crate::error::{not_null, McError, McResult, OrRaise};
-use crate::keys::cache;
-
-thread_local! {
-    static NONCES: RefCell<NonceSource> = const { RefCell::new(NonceSource::new()) };
-    /// The last raw key used, with its expanded schedule: a query that passes
-    /// the same key for a million rows expands it once.
-    static RAW_KEY: RefCell<Option<(Key32, Cipher)>> = const { RefCell::new(None) };
-}
-
-pub fn next_nonce() -> [u8; 12] {
-    // SAFETY: MyProcPid is set once per process, right after fork, before
-    // any SQL runs; reading it is a plain load.
-    let pid = unsafe { pg_sys::MyProcPid } as u32;
-    NONCES.with(|n| n.borrow_mut().draw_in(pid))
-}
-
-/// Where the key for an operation comes from.
-pub enum KeySource<'a> {
-    Raw(&'a [u8]),
-    Keyring(&'a str),
-}
-
-fn with_raw_cipher<T>(key: &[u8], f: impl FnOnce(&Cipher) -> T) -> McResult<T> {
-    let key = Key32::from_slice(key).map_err(|e| McError::BadArgument {
-        message: "AES-256-GCM key must be 32 bytes".into(),
-        detail: Some(format!("the key given is {} bytes long", e.0)),
-        hint: Some("use gen_random_bytes(32) from pgcrypto, or a keyring".into()),
-    })?;
-    RAW_KEY.with(|slot| {
-        let mut slot = slot.borrow_mut();
-        let hit = matches!(&*slot, Some((k, _)) if k.as_bytes() == key.as_bytes());
-        if !hit {
-            *slot = Some((key.clone(), Cipher::new(&key)));
-        }
-        let (_, cipher) = slot.as_ref().expect("just filled");
-        Ok(f(cipher))
-    })
-}
-
-/// Seals `plaintext` into a binary envelope.
-pub fn seal_value(source: KeySource<'_>, plaintext: &[u8], aad: &[u8]) -> McResult<Vec<u8>> {
-    let nonce = next_nonce();
-    match source {
-        KeySource::Raw(key) => with_raw_cipher(key, |c| aead::seal(c, 0, nonce, aad, plaintext)),
-        KeySource::Keyring(name) => {
-            let (key_id, cipher) = cache::active_key(name)?;
-            Ok(aead::seal(&cipher, key_id, nonce, aad, plaintext))
-        }
-    }
-}
-
-/// Opens a binary envelope. With `None` the key comes from the envelope's
-/// key id; with a raw key the envelope's key id is only authenticated.
-pub fn open_value(
-    raw_key: Option<&[u8]>,
-    bytes: &[u8],
-    aad: &[u8],
-) -> McResult<Zeroizing<Vec<u8>>> {
-    let env = Envelope::parse(bytes)?;
-    match raw_key {
-        Some(key) => with_raw_cipher(key, |c| aead::open(c, &env, aad))?.map_err(|_| {
-            McError::Unauthenticated {
-                detail: if env.key_id == 0 {
-                    "the AES-GCM authentication tag did not verify".into()
-                } else {
-                    format!(
-                        "the value names keyring key id {}, not a raw key (id 0)",
-                        env.key_id
-                    )
-                },
-            }
-        }),
-        None => {
-            let cipher = cache::key_for_decrypt(env.key_id)?;
-            aead::open(&cipher, &env, aad).map_err(|_| McError::Unauthenticated {
-                detail: format!(
-                    "the AES-GCM authentication tag did not verify under key id {}",
-                    env.key_id
-                ),
-            })
-        }
-    }
-}
+use crate::pg::datum::{EncryptedText, SecretBytes, SecretText};
 
 fn aad_bytes(aad: Option<&str>) -> &[u8] {
     aad.map(str::as_bytes).unwrap_or(b"")
@@ -221,13 +135,7 @@ fn aes_gcm_decrypt(
     ciphertext_and_tag: Option<&[u8]>,
     aad: default!(Option<&[u8]>, "NULL"),
 ) -> Option<SecretBytes> {
-    let key = Key32::from_slice(not_null(key, "key"))
-        .map_err(|e| McError::BadArgument {
-            message: "AES-256-GCM key must be 32 bytes".into(),
-            detail: Some(format!("the key given is {} bytes long", e.0)),
-            hint: None,
-        })
-        .or_raise();
+    let key = raw_key(not_null(key, "key")).or_raise();
     let nonce = not_null(nonce, "nonce");
     if nonce.len() != envelope::NONCE_LEN {
         McError::BadArgument {

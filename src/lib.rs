@@ -1,25 +1,35 @@
 //! manna_crypt: field encryption inside PostgreSQL.
 //!
-//! This file is the table of contents. The pure crypto lives in the
-//! `manna_crypt_core` crate (no PostgreSQL in it); the modules here convert
-//! SQL arguments, find keys and report errors.
+//! This file is the table of contents; docs/ARCHITECTURE.md draws the
+//! layers. The pure crypto lives in the `manna_crypt_core` crate (no
+//! PostgreSQL in it). Here, from the bottom up — each layer calls only the
+//! ones below it:
+//!
+//! 1. [`error`] and [`pg`]: SQLSTATEs, and PostgreSQL plumbing (SPI,
+//!    identity switches, settings) with no SQL-visible function;
+//! 2. [`keys`]: the root key, the key tables, the key cache, the lifecycle;
+//! 3. [`crypto`]: the seal/open service every SQL surface shares;
+//! 4. the SQL surfaces: [`gcm`], [`fernet`], [`locking`], [`reencrypt`].
 
 use pgrx::prelude::*;
 
-mod datum;
+mod crypto;
 mod error;
 mod fernet;
 mod gcm;
 mod keys;
 mod locking;
+mod pg;
 mod reencrypt;
 
 ::pgrx::pg_module_magic!(name, version);
 
 // Schema objects, in dependency order. `bootstrap.sql` creates the tables,
-// roles and sequences before any function; the domain needs its CHECK
-// function; grants and comments come last.
+// roles and sequences before any function; `keys.sql` the triggers and the
+// view on the key tables; the domain needs its CHECK function; grants and
+// the comments on Rust-defined functions come last (`finalize.sql`).
 extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+extension_sql_file!("../sql/keys.sql", name = "keys", requires = ["bootstrap"]);
 extension_sql_file!(
     "../sql/domain.sql",
     name = "encrypted_text_domain",
@@ -28,7 +38,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/locking.sql",
     name = "locking",
-    requires = [locking::version::version_bump]
+    requires = [locking::optimistic::version_bump]
 );
 extension_sql_file!(
     "../sql/reencrypt.sql",
@@ -38,8 +48,8 @@ extension_sql_file!(
         reencrypt::engine::_reencrypt_start,
         reencrypt::engine::_reencrypt_step,
         reencrypt::engine::_reencrypt_finish,
-        reencrypt::engine::_reencrypt_row,
-        reencrypt::engine::_reencrypt_value,
+        reencrypt::batch::_reencrypt_row,
+        reencrypt::batch::_reencrypt_value,
         reencrypt::classify::value_class
     ]
 );
@@ -68,8 +78,9 @@ pub mod pg_test {
         // A fixed, test-only root key from a command: the pgrx test cluster
         // is created by cargo-pgrx, so a key file with the right owner and
         // mode cannot be put in place beforehand.
-        vec![
-            "manna_crypt.root_key_command = 'echo 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f'",
-        ]
+        vec![concat!(
+            "manna_crypt.root_key_command = ",
+            "'echo 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f'"
+        )]
     }
 }

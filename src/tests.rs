@@ -24,7 +24,8 @@ fn one<T: pgrx::datum::FromDatum + pgrx::datum::IntoDatum>(query: &str) -> Optio
 /// PL/pgSQL subtransaction so the test's transaction stays usable.
 fn sqlstate_of(query: &str) -> String {
     Spi::run(
-        "CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql AS $f$ \
+        "CREATE OR REPLACE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text \
+         LANGUAGE plpgsql AS $f$ \
          BEGIN EXECUTE q; RETURN 'ok'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $f$",
     )
     .expect("helper");
@@ -69,7 +70,8 @@ fn text_form_is_prefix_and_base64_of_the_envelope() {
     let ok = one::<bool>(&format!(
         "WITH c AS (SELECT manna_crypt.encrypt_gcm('abc', {k}, 'x') AS c) \
          SELECT left(c, 4) = 'mc1:' \
-            AND manna_crypt.decrypt_gcm(decode(substr(c, 5), 'base64'), {k}, 'x') = 'abc'::bytea FROM c"
+            AND manna_crypt.decrypt_gcm(decode(substr(c, 5), 'base64'), {k}, 'x') = 'abc'::bytea \
+         FROM c"
     ));
     assert_eq!(ok, Some(true));
 }
@@ -77,7 +79,7 @@ fn text_form_is_prefix_and_base64_of_the_envelope() {
 #[pg_test]
 fn rust_seal_and_open_agree_with_sql() {
     let key = hex::decode(KEY_HEX).expect("hex");
-    let env = crate::gcm::seal_value(crate::gcm::KeySource::Raw(&key), b"from rust", b"ctx")
+    let env = crate::crypto::seal_value(crate::crypto::KeySource::Raw(&key), b"from rust", b"ctx")
         .unwrap_or_else(|_| panic!("seal failed"));
     let text = Spi::get_one_with_args::<String>(
         &format!(
@@ -88,10 +90,10 @@ fn rust_seal_and_open_agree_with_sql() {
     )
     .expect("query");
     assert_eq!(text.as_deref(), Some("from rust"));
-    let opened =
-        crate::gcm::open_value(Some(&key), &env, b"ctx").unwrap_or_else(|_| panic!("open failed"));
+    let opened = crate::crypto::open_value(Some(&key), &env, b"ctx");
+    let opened = opened.unwrap_or_else(|_| panic!("open failed"));
     assert_eq!(&opened[..], b"from rust");
-    assert!(crate::gcm::open_value(Some(&key), &env, b"other").is_err());
+    assert!(crate::crypto::open_value(Some(&key), &env, b"other").is_err());
 }
 
 #[pg_test]
@@ -112,12 +114,13 @@ fn null_key_is_an_error() {
     Spi::run("SELECT manna_crypt.encrypt_gcm('secret', NULL::bytea)").expect("raises");
 }
 
-#[pg_test(
-    error = "value for domain manna_crypt.encrypted_text violates check constraint \"encrypted_text_check\""
-)]
+/// The domain's CHECK (23514, PostgreSQL's check_violation) keeps
+/// plaintext out of an `encrypted_text` column.
+#[pg_test]
 fn domain_rejects_plaintext() {
     Spi::run("CREATE TEMP TABLE t (c manna_crypt.encrypted_text)").expect("create");
-    Spi::run("INSERT INTO t VALUES ('a plaintext token')").expect("raises");
+    assert_eq!(sqlstate_of("INSERT INTO t VALUES ('a plaintext token')"), "23514");
+    assert_eq!(one::<i64>("SELECT count(*) FROM t"), Some(0));
 }
 
 #[pg_test]
@@ -157,13 +160,15 @@ fn errors_carry_their_sqlstates() {
     );
     assert_eq!(
         sqlstate_of(&format!(
-            "SELECT manna_crypt.decrypt_gcm(manna_crypt.encrypt_gcm('x', {k}), decode(repeat('00', 32), 'hex'))"
+            "SELECT manna_crypt.decrypt_gcm(manna_crypt.encrypt_gcm('x', {k}), \
+             decode(repeat('00', 32), 'hex'))"
         )),
         "39000"
     );
     assert_eq!(
         sqlstate_of(&format!(
-            "SELECT manna_crypt.decrypt_gcm('mc1:' || encode(manna_crypt.encrypt_gcm('\\xff'::bytea, {k}), 'base64'), {k})"
+            "SELECT manna_crypt.decrypt_gcm('mc1:' || \
+             encode(manna_crypt.encrypt_gcm('\\xff'::bytea, {k}), 'base64'), {k})"
         )),
         "22021"
     );
@@ -183,7 +188,8 @@ fn errors_carry_their_sqlstates() {
 fn nonces_do_not_repeat_within_a_query() {
     let k = key_sql();
     let (n, distinct) = Spi::get_two::<i64, i64>(&format!(
-        "SELECT count(*), count(DISTINCT substr(manna_crypt.encrypt_gcm('\\x00'::bytea, {k}), 6, 12)) \
+        "SELECT count(*), \
+                count(DISTINCT substr(manna_crypt.encrypt_gcm('\\x00'::bytea, {k}), 6, 12)) \
          FROM generate_series(1, 10000)"
     ))
     .expect("query");
@@ -203,8 +209,11 @@ fn key_status(key_id: i32) -> Option<String> {
 fn keyring_create_encrypt_rotate_decrypt() {
     let k1 = one::<i32>("SELECT manna_crypt.create_keyring('pgt_ring')").expect("key id");
     assert!(k1 > 0);
-    Spi::run("CREATE TEMP TABLE v AS SELECT 1 AS n, manna_crypt.encrypt_gcm('before', 'pgt_ring', 'row1')::text AS c")
-        .expect("encrypt");
+    Spi::run(
+        "CREATE TEMP TABLE v AS \
+         SELECT 1 AS n, manna_crypt.encrypt_gcm('before', 'pgt_ring', 'row1')::text AS c",
+    )
+    .expect("encrypt");
     assert_eq!(
         one::<i64>("SELECT manna_crypt.key_id(c) FROM v"),
         Some(i64::from(k1))
@@ -306,4 +315,54 @@ fn keys_view_holds_no_key_material() {
          AND atttypid = 'bytea'::regtype",
     );
     assert_eq!(bytea_cols, Some(0));
+}
+
+// ---- the plumbing layer (src/pg) ------------------------------------------
+
+/// A read through the one SPI helper assigns no transaction id: it works in
+/// parallel workers and on standbys, and a read-only transaction stays one.
+#[pg_test]
+fn spi_reads_take_no_transaction_id() {
+    use crate::pg::spi::{self, Mode};
+    // SAFETY: reads the current transaction state.
+    let xid = || unsafe { pg_sys::GetCurrentTransactionIdIfAny() };
+    assert_eq!(xid(), pg_sys::InvalidTransactionId);
+    let holder = spi::one::<i32>(Mode::Read, "SELECT manna_crypt.lock_holder('x')", &[]);
+    assert_eq!(holder.ok().flatten(), None);
+    let one = spi::one::<i64>(Mode::Read, "SELECT count(*) FROM manna_crypt.keys", &[]);
+    assert!(one.is_ok());
+    assert_eq!(xid(), pg_sys::InvalidTransactionId, "a read assigned an xid");
+    // A write does, as it must.
+    spi::run("CREATE TEMP TABLE spi_probe (x int)", &[]).unwrap_or_else(|_| panic!("write"));
+    assert_ne!(xid(), pg_sys::InvalidTransactionId);
+}
+
+/// The three identities: the extension owner, a table's owner inside a
+/// security-restricted operation, and the caller again from inside either.
+#[pg_test]
+fn identities_switch_and_restore() {
+    use crate::pg::security::{caller_id, run_as, Identity};
+    Spi::run("CREATE ROLE mc_probe_owner NOLOGIN").expect("role");
+    Spi::run("CREATE TABLE public.mc_probe (x int)").expect("table");
+    Spi::run("ALTER TABLE public.mc_probe OWNER TO mc_probe_owner").expect("owner");
+    let table = one::<pg_sys::Oid>("SELECT 'public.mc_probe'::regclass::oid").expect("oid");
+    // SAFETY: reads the current user and security context.
+    let user = || unsafe { pg_sys::GetUserId() };
+    let restricted = || unsafe { pg_sys::InSecurityRestrictedOperation() };
+    let me = user();
+    let owner = one::<pg_sys::Oid>("SELECT 'mc_probe_owner'::regrole::oid").expect("owner oid");
+    let seen = run_as(Identity::TableOwner(table), || {
+        let inner = run_as(Identity::Caller, || Ok((user(), caller_id())));
+        Ok((user(), restricted(), inner.ok()))
+    });
+    let (as_owner, was_restricted, inner) = seen.unwrap_or_else(|_| panic!("run_as"));
+    assert_eq!(as_owner, owner);
+    assert!(was_restricted, "not a security-restricted operation");
+    assert_eq!(inner, Some((me, me)), "Caller did not switch back to the caller");
+    assert_eq!(user(), me, "the user was not restored");
+    assert!(!restricted(), "the restriction outlived the switch");
+    let path = run_as(Identity::ExtensionOwner, || {
+        Ok(one::<String>("SELECT current_setting('search_path')"))
+    });
+    assert_eq!(path.ok().flatten().as_deref(), Some("pg_catalog, pg_temp"));
 }

@@ -2,7 +2,8 @@
 //!
 //! The hot path — one encrypt or decrypt per row — is a hash lookup here and
 //! nothing else: no SPI, no catalog access, no privilege switch. A miss reads
-//! the key tables once (as the extension owner), unwraps the data key under
+//! the key tables once (as the extension owner, through the read-only SPI
+//! path, so a miss in a parallel worker or on a standby works), unwraps the data key under
 //! the root key and keeps the expanded AES key schedule. Negative answers
 //! (unknown, revoked, destroyed) are cached too, so a bad row costs no query.
 //!
@@ -24,40 +25,15 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use manna_crypt_core::aead::Cipher;
 use manna_crypt_core::fernet::FernetKey;
 use manna_crypt_core::keywrap;
+use manna_crypt_core::names::check_keyring_name;
+use manna_crypt_core::secret::Key32;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
-use super::owner;
-use super::rootkey::{self, RootKey, Which};
+use super::rootkey;
+use super::store::{self, Status};
 use crate::error::{McError, McResult};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Status {
-    Active,
-    DecryptOnly,
-    Revoked,
-    Destroyed,
-}
-
-impl Status {
-    pub fn parse(s: &str) -> Status {
-        match s {
-            "active" => Status::Active,
-            "decrypt_only" => Status::DecryptOnly,
-            "revoked" => Status::Revoked,
-            _ => Status::Destroyed,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Active => "active",
-            Status::DecryptOnly => "decrypt_only",
-            Status::Revoked => "revoked",
-            Status::Destroyed => "destroyed",
-        }
-    }
-}
+use crate::pg::security::{self, run_as, Identity};
 
 enum KeyEntry {
     Usable { cipher: Rc<Cipher> },
@@ -144,7 +120,7 @@ pub fn register_callback() {
 pub fn clear() {
     STATE.with(|s| *s.borrow_mut() = State::default());
     DATA_KEYS_OID.store(0, Ordering::Relaxed);
-    owner::forget();
+    security::forget_owner();
 }
 
 fn check_stale() {
@@ -155,74 +131,35 @@ fn check_stale() {
 
 fn resolve_data_keys_oid() -> McResult<()> {
     if DATA_KEYS_OID.load(Ordering::Relaxed) == 0 {
-        let oid = owner::read_one::<pg_sys::Oid>(
-            "SELECT 'manna_crypt.data_keys'::pg_catalog.regclass::pg_catalog.oid",
-        )?
-        .ok_or_else(|| McError::Internal("manna_crypt.data_keys is missing".into()))?;
+        let oid = store::data_keys_oid()?;
         DATA_KEYS_OID.store(oid.to_u32(), Ordering::Relaxed);
     }
     Ok(())
 }
 
-/// The stored check value and the fingerprint of the root key it belongs to.
-fn stored_check() -> McResult<Option<(Vec<u8>, String)>> {
-    Spi::connect(|client| {
-        let mut rows = client.select(
-            "SELECT check_value, fingerprint FROM manna_crypt.root_key_check",
-            None,
-            &[],
-        )?;
-        Ok(match rows.next() {
-            Some(row) => Some((
-                row.get::<Vec<u8>>(1)?.unwrap_or_default(),
-                row.get::<String>(2)?.unwrap_or_default(),
-            )),
-            None => None,
-        })
-    })
-}
-
-/// The root key that opens the stored data keys: the current one if it
-/// matches the stored check value, else the previous one if that matches
-/// (a root-key rotation in progress), else F0000. With no check value stored
-/// yet (no keys created), the current root key. Must run as owner.
-///
-/// Decided afresh on every cache miss (a query and an HMAC; misses are
-/// rare), so a reloaded configuration or a finished `rewrap_keys()` is never
-/// judged against a stale choice.
-pub fn effective_root() -> McResult<Rc<RootKey>> {
-    let current = rootkey::current()?;
-    let chosen = match stored_check()? {
-        None => current,
-        Some((check, _)) if keywrap::matches_check_value(&current.key, &check) => current,
-        Some((check, stored_fp)) => match rootkey::get(Which::Previous)? {
-            Some(prev) if keywrap::matches_check_value(&prev.key, &check) => prev,
-            _ => {
-                return Err(McError::RootKeyMismatch {
-                    detail: format!(
-                        "the configured root key has fingerprint {}, but the data keys in this database are wrapped under the root key with fingerprint {}",
-                        current.fingerprint, stored_fp
-                    ),
-                })
-            }
-        },
-    };
-    Ok(chosen)
-}
-
-fn unwrap_key(key_id: u32, wrapped: &[u8]) -> McResult<manna_crypt_core::secret::Key32> {
-    let root = effective_root()?;
+fn unwrap_key(key_id: u32, wrapped: &[u8]) -> McResult<Key32> {
+    let root = rootkey::effective_root()?;
     keywrap::unwrap(&root.key, key_id, wrapped).map_err(|_| McError::Unauthenticated {
-        detail: format!("the stored data key {key_id} does not unwrap under the root key: the key table is corrupt or was altered"),
+        detail: format!(
+            "the stored data key {key_id} does not unwrap under the root key: \
+             the key table is corrupt or was altered"
+        ),
     })
 }
 
 fn unusable_error(key_id: u32, keyring: &str, status: Status) -> McError {
     McError::WrongState {
-        message: format!("key {key_id} of keyring \"{keyring}\" is {}", status.as_str()),
+        message: format!(
+            "key {key_id} of keyring \"{keyring}\" is {}",
+            status.as_str()
+        ),
         detail: Some("revoked and destroyed keys cannot decrypt".into()),
         hint: match status {
-            Status::Revoked => Some("if the revocation was a mistake, an administrator can call manna_crypt.reinstate_key()".into()),
+            Status::Revoked => Some(
+                "if the revocation was a mistake, an administrator can call \
+                 manna_crypt.reinstate_key()"
+                    .into(),
+            ),
             _ => None,
         },
     }
@@ -235,17 +172,7 @@ fn unknown_key(key_id: u32) -> McError {
             hint: Some("pass the key: decrypt_gcm(ciphertext, key bytea, aad)".into()),
         }
     } else {
-        McError::UnknownObject {
-            message: format!("key id {key_id} does not exist"),
-            hint: Some("see the manna_crypt.keys view".into()),
-        }
-    }
-}
-
-fn unknown_keyring(name: &str) -> McError {
-    McError::UnknownObject {
-        message: format!("keyring \"{name}\" does not exist"),
-        hint: Some("create it with manna_crypt.create_keyring()".into()),
+        McError::unknown_key(key_id.into())
     }
 }
 
@@ -261,7 +188,7 @@ pub fn key_for_decrypt(key_id: u32) -> McResult<Rc<Cipher>> {
     if let Some(result) = STATE.with(|s| s.borrow().by_id.get(&key_id).map(answer)) {
         return result;
     }
-    let entry = owner::as_owner(|| load_key(key_id))?;
+    let entry = run_as(Identity::ExtensionOwner, || load_key(key_id))?;
     let result = answer(&entry);
     STATE.with(|s| s.borrow_mut().by_id.insert(key_id, entry));
     result
@@ -277,35 +204,22 @@ fn fernet_key_id(key_id: u32, keyring: &str) -> McError {
 
 fn load_key(key_id: u32) -> McResult<KeyEntry> {
     resolve_data_keys_oid()?;
-    let row = Spi::connect(|client| {
-        let mut rows = client.select(
-            "SELECT r.name, r.kind, k.status, k.wrapped FROM manna_crypt.data_keys k \
-             JOIN manna_crypt.keyrings r USING (keyring_id) WHERE k.key_id = $1",
-            None,
-            &[(key_id as i64).into()],
-        )?;
-        Ok::<_, McError>(match rows.next() {
-            Some(r) => Some((
-                r.get::<String>(1)?.unwrap_or_default(),
-                r.get::<String>(2)?.unwrap_or_default(),
-                r.get::<String>(3)?.unwrap_or_default(),
-                r.get::<Vec<u8>>(4)?,
-            )),
-            None => None,
-        })
-    })?;
-    let Some((keyring, kind, status, wrapped)) = row else {
+    let Some(row) = store::key_by_id(key_id)? else {
         return Ok(KeyEntry::Missing);
     };
-    let status = Status::parse(&status);
-    if kind == "fernet" {
-        return Ok(KeyEntry::Fernet { keyring });
+    if row.fernet {
+        return Ok(KeyEntry::Fernet {
+            keyring: row.keyring,
+        });
     }
-    match (status, wrapped) {
+    match (row.status, row.wrapped) {
         (Status::Active | Status::DecryptOnly, Some(w)) => Ok(KeyEntry::Usable {
             cipher: Rc::new(Cipher::new(&unwrap_key(key_id, &w)?)),
         }),
-        (status, _) => Ok(KeyEntry::Unusable { keyring, status }),
+        (status, _) => Ok(KeyEntry::Unusable {
+            keyring: row.keyring,
+            status,
+        }),
     }
 }
 
@@ -327,7 +241,7 @@ pub fn active_key(keyring: &str) -> McResult<(u32, Rc<Cipher>)> {
                     .into(),
             ),
         }),
-        RingEntry::Missing => Err(unknown_keyring(keyring)),
+        RingEntry::Missing => Err(McError::unknown_keyring(keyring)),
     };
     ring_lookup(keyring, answer)
 }
@@ -336,7 +250,7 @@ fn ring_lookup<T>(keyring: &str, answer: impl Fn(&RingEntry) -> McResult<T>) -> 
     if let Some(result) = STATE.with(|s| s.borrow().rings.get(keyring).map(&answer)) {
         return result;
     }
-    let entry = owner::as_owner(|| load_ring(keyring))?;
+    let entry = run_as(Identity::ExtensionOwner, || load_ring(keyring))?;
     let result = answer(&entry);
     STATE.with(|s| s.borrow_mut().rings.insert(keyring.to_owned(), entry));
     result
@@ -352,7 +266,7 @@ pub fn fernet_keys(keyring: &str) -> McResult<Rc<Vec<(u32, FernetKey)>>> {
             hint: None,
         }),
         RingEntry::Fernet(keys) => Ok(keys.clone()),
-        RingEntry::Missing => Err(unknown_keyring(keyring)),
+        RingEntry::Missing => Err(McError::unknown_keyring(keyring)),
         RingEntry::Gcm { .. } | RingEntry::NoActive => Err(McError::BadArgument {
             message: format!("keyring \"{keyring}\" is an AES-GCM keyring, not a Fernet keyring"),
             detail: None,
@@ -362,54 +276,31 @@ pub fn fernet_keys(keyring: &str) -> McResult<Rc<Vec<(u32, FernetKey)>>> {
     ring_lookup(keyring, answer)
 }
 
-/// kind, key id, status, wrapped key.
-type RingRow = (String, Option<i64>, Option<String>, Option<Vec<u8>>);
-
 fn load_ring(keyring: &str) -> McResult<RingEntry> {
     // An invalid name is a bad argument (22023), not an unknown keyring.
-    super::lifecycle::check_name(keyring)?;
+    check_keyring_name(keyring)?;
     resolve_data_keys_oid()?;
-    let rows: Vec<RingRow> = Spi::connect(|client| {
-        let rows = client.select(
-            "SELECT r.kind, k.key_id::int8, k.status, k.wrapped FROM manna_crypt.keyrings r \
-             LEFT JOIN manna_crypt.data_keys k ON k.keyring_id = r.keyring_id \
-                  AND k.status IN ('active', 'decrypt_only') \
-             WHERE r.name = $1 ORDER BY k.version DESC",
-            None,
-            &[keyring.into()],
-        )?;
-        let mut out = Vec::new();
-        for r in rows {
-            out.push((
-                r.get::<String>(1)?.unwrap_or_default(),
-                r.get::<i64>(2)?,
-                r.get::<String>(3)?,
-                r.get::<Vec<u8>>(4)?,
-            ));
-        }
-        Ok::<_, McError>(out)
-    })?;
-    let Some(first) = rows.first() else {
+    let Some(ring) = store::ring_by_name(keyring)? else {
         return Ok(RingEntry::Missing);
     };
-    if first.0 == "fernet" {
-        let mut keys = Vec::new();
-        for (_, id, _, wrapped) in &rows {
-            if let (Some(id), Some(w)) = (id, wrapped) {
-                let id = *id as u32;
-                keys.push((id, FernetKey::from_key32(unwrap_key(id, w)?)));
-            }
+    if ring.fernet {
+        let mut keys = Vec::with_capacity(ring.keys.len());
+        for (id, _, wrapped) in &ring.keys {
+            keys.push((*id, FernetKey::from_key32(unwrap_key(*id, wrapped)?)));
         }
         return Ok(RingEntry::Fernet(Rc::new(keys)));
     }
-    for (_, id, status, wrapped) in &rows {
-        if let (Some(id), Some("active"), Some(w)) = (id, status.as_deref(), wrapped) {
-            let id = *id as u32;
-            let cipher = Rc::new(Cipher::new(&unwrap_key(id, w)?));
-            return Ok(RingEntry::Gcm { key_id: id, cipher });
-        }
+    match ring
+        .keys
+        .iter()
+        .find(|(_, status, _)| *status == Status::Active)
+    {
+        Some((id, _, wrapped)) => Ok(RingEntry::Gcm {
+            key_id: *id,
+            cipher: Rc::new(Cipher::new(&unwrap_key(*id, wrapped)?)),
+        }),
+        None => Ok(RingEntry::NoActive),
     }
-    Ok(RingEntry::NoActive)
 }
 
 /// SQL hook for the statement triggers on the key tables: queue a relcache
@@ -417,15 +308,12 @@ fn load_ring(keyring: &str) -> McResult<RingEntry> {
 /// transaction.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _invalidate_key_cache() {
-    let oid = Spi::get_one::<pg_sys::Oid>(
-        "SELECT 'manna_crypt.data_keys'::pg_catalog.regclass::pg_catalog.oid",
-    )
-    .ok()
-    .flatten();
-    if let Some(oid) = oid {
-        // SAFETY: queues a transactional invalidation message for an existing relation.
-        unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oid) };
-    }
+    // Runs inside the key tables' triggers, so data_keys exists: an error
+    // here is a real failure and must abort the change, never skip the
+    // invalidation silently.
+    let oid = crate::error::OrRaise::or_raise(store::data_keys_oid());
+    // SAFETY: queues a transactional invalidation message for an existing relation.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(oid) };
     // Our own backend drops its cache right away too.
     STALE.store(true, Ordering::Relaxed);
 }

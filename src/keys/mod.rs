@@ -1,14 +1,25 @@
-//! Envelope key management (DESIGN.md section 2).
+//! Envelope key management (docs/DESIGN.md section 2).
 //!
-//! - [`rootkey`]: the root key from a file or a command, never from a table;
-//!   the key check value; which root key unwraps the stored data keys.
-//! - [`owner`]: running catalog work as the extension owner, so callers need
-//!   no privilege on the key tables.
+//! Layered bottom-up; a module calls only the ones listed before it:
+//!
+//! - [`store`]: every statement on the key tables and the audit log;
+//! - [`root_source`]: reading a root key's text from a file or a command;
+//! - [`rootkey`]: the root-key settings, the loaded keys, and which root key
+//!   opens the stored data keys;
 //! - [`cache`]: unwrapped data keys per backend, invalidated by relcache
-//!   messages so a revocation is seen by every session at its next transaction.
-//! - [`lifecycle`]: create, rotate, revoke, destroy, import, rewrap, info.
+//!   messages so a revocation is seen by every session at its next transaction;
+//! - [`usage`]: registered columns and how many values a key still protects;
+//! - [`wrapping`]: wrapping new data keys, and `rewrap_keys()`;
+//! - [`lifecycle`]: create, rotate, revoke, reinstate, destroy, import;
+//! - [`info`]: the `info()` overview.
+//!
+//! Nothing here knows about re-encryption or locking, which sit above.
 
 pub mod cache;
+pub mod info;
 pub mod lifecycle;
-pub mod owner;
+pub mod root_source;
 pub mod rootkey;
+pub mod store;
+pub mod usage;
+pub mod wrapping;

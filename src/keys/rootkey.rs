@@ -5,25 +5,24 @@
 //! `manna_crypt.root_key_file`, `manna_crypt.root_key_command`, and their
 //! `previous_` twins for root-key rotation. A file must hold 64 hex
 //! characters, be owned by the server's OS user and have no group or other
-//! permissions. A command must print 64 hex characters on standard output and
-//! exit 0 within [`COMMAND_TIMEOUT`]; its standard error is discarded, never
-//! logged, since a KMS CLI may echo tokens there.
+//! permissions. A command must print 64 hex characters on standard output
+//! and exit 0 within [`super::root_source::COMMAND_TIMEOUT`]; its standard
+//! error is discarded, never logged, since a KMS CLI may echo tokens there.
 //!
 //! A loaded key is kept per backend and reloaded when its setting changes.
+//! [`effective_root`] decides which configured root key opens the stored
+//! data keys.
 
 use std::cell::RefCell;
 use std::ffi::CString;
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
-use std::process::{Command, Stdio};
 use std::rc::Rc;
-use std::time::Duration;
 
 use manna_crypt_core::keywrap;
 use manna_crypt_core::secret::Key32;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
-use zeroize::Zeroizing;
 
+use super::root_source::{read_key_file, run_key_command};
+use super::store::{self, StoredCheck};
 use crate::error::{McError, McResult};
 
 pub static ROOT_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -32,8 +31,6 @@ pub static PREVIOUS_ROOT_KEY_FILE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 pub static PREVIOUS_ROOT_KEY_COMMAND: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
-
-pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn register_settings() {
     let flags = GucFlags::SUPERUSER_ONLY;
@@ -156,7 +153,11 @@ pub fn get(which: Which) -> McResult<Option<Rc<RootKey>>> {
     };
     let key = Key32::from_hex(&text).ok_or_else(|| McError::RootKeyIo {
         message: format!("{prefix}_{kind} does not yield a root key"),
-        detail: Some("expected exactly 64 hexadecimal characters (32 bytes), optionally followed by a newline".into()),
+        detail: Some(
+            "expected exactly 64 hexadecimal characters (32 bytes), optionally followed by a \
+             newline"
+                .into(),
+        ),
         hint: Some("generate one with: openssl rand -hex 32".into()),
     })?;
     let loaded = Rc::new(RootKey {
@@ -173,118 +174,43 @@ pub fn current() -> McResult<Rc<RootKey>> {
     get(Which::Current)?.ok_or_else(|| McError::RootKeyMissing {
         message: "root key is not configured".into(),
         hint: Some(
-            "set manna_crypt.root_key_file or manna_crypt.root_key_command in postgresql.conf and reload".into(),
+            "set manna_crypt.root_key_file or manna_crypt.root_key_command in postgresql.conf \
+             and reload"
+                .into(),
         ),
     })
 }
 
-fn read_key_file(path: &str, prefix: &str) -> McResult<Zeroizing<String>> {
-    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => McError::RootKeyMissing {
-            message: format!("root key file \"{path}\" does not exist"),
-            hint: Some(format!("check {prefix}_file")),
-        },
-        _ => McError::RootKeyIo {
-            message: format!("could not access root key file \"{path}\": {e}"),
-            detail: None,
-            hint: None,
-        },
-    })?;
-    // SAFETY: geteuid() has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    if !meta.is_file() {
-        return Err(McError::RootKeyIo {
-            message: format!("root key file \"{path}\" is not a regular file"),
-            detail: None,
-            hint: None,
-        });
-    }
-    if meta.uid() != euid {
-        return Err(McError::RootKeyIo {
-            message: format!(
-                "root key file \"{path}\" is not owned by the database server's OS user"
-            ),
-            detail: Some(format!(
-                "file owner uid {}, server uid {}",
-                meta.uid(),
-                euid
-            )),
-            hint: Some("chown it to the user the server runs as".into()),
-        });
-    }
-    if meta.mode() & 0o077 != 0 {
-        return Err(McError::RootKeyIo {
-            message: format!("root key file \"{path}\" has group or world access"),
-            detail: Some(format!("permissions are {:04o}", meta.mode() & 0o7777)),
-            hint: Some("chmod 0600 the file".into()),
-        });
-    }
-    let mut text = Zeroizing::new(String::new());
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_to_string(&mut text))
-        .map_err(|e| McError::RootKeyIo {
-            message: format!("could not read root key file \"{path}\": {e}"),
-            detail: None,
-            hint: None,
-        })?;
-    Ok(text)
+/// The root key that opens the stored data keys: the current one if it
+/// matches the stored check value, else the previous one if that matches
+/// (a root-key rotation in progress), else F0000. With no check value stored
+/// yet (no keys created), the current root key. Must run as the extension
+/// owner (it reads `root_key_check`).
+///
+/// Decided afresh on every cache miss (a query and an HMAC; misses are
+/// rare), so a reloaded configuration or a finished `rewrap_keys()` is never
+/// judged against a stale choice.
+pub fn effective_root() -> McResult<Rc<RootKey>> {
+    root_for_check(store::stored_check()?.as_ref())
 }
 
-fn run_key_command(cmd: &str, prefix: &str) -> McResult<Zeroizing<String>> {
-    let fail = |message: String| McError::RootKeyIo {
-        message,
-        detail: None,
-        hint: Some(format!("check {prefix}_command")),
+/// The root key that matches `check` (see [`effective_root`]).
+pub fn root_for_check(check: Option<&StoredCheck>) -> McResult<Rc<RootKey>> {
+    let current = current()?;
+    let Some(check) = check else {
+        return Ok(current);
     };
-    let mut child = Command::new("/bin/sh")
-        .arg("-c")
-        .arg(cmd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| fail(format!("could not run the root key command: {e}")))?;
-    let mut stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| fail("root key command has no standard output".into()))?;
-    // Read on a helper thread so a command that never exits cannot hang the
-    // backend: after the timeout the child is killed and its pipe closes.
-    let reader = std::thread::spawn(move || {
-        let mut out = Zeroizing::new(Vec::new());
-        // Cap what we read: a key is 64 characters.
-        let _ = (&mut stdout).take(4096).read_to_end(&mut out);
-        out
-    });
-    let deadline = std::time::Instant::now() + COMMAND_TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(fail(format!(
-                    "root key command did not finish within {} seconds",
-                    COMMAND_TIMEOUT.as_secs()
-                )));
-            }
-            Err(e) => {
-                return Err(fail(format!(
-                    "could not wait for the root key command: {e}"
-                )))
-            }
-        }
-    };
-    let out = reader
-        .join()
-        .map_err(|_| fail("could not read the root key command's output".into()))?;
-    if !status.success() {
-        return Err(fail(format!("root key command failed ({status})")));
+    if keywrap::matches_check_value(&current.key, &check.check_value) {
+        return Ok(current);
     }
-    let text = std::str::from_utf8(&out)
-        .map_err(|_| fail("root key command printed something other than hex text".into()))?;
-    Ok(Zeroizing::new(text.to_owned()))
+    match get(Which::Previous)? {
+        Some(prev) if keywrap::matches_check_value(&prev.key, &check.check_value) => Ok(prev),
+        _ => Err(McError::RootKeyMismatch {
+            detail: format!(
+                "the configured root key has fingerprint {}, but the data keys in this \
+                 database are wrapped under the root key with fingerprint {}",
+                current.fingerprint, check.fingerprint
+            ),
+        }),
+    }
 }

@@ -8,7 +8,12 @@
 //! key = first 8 bytes of SHA-256("manna_crypt:" || name), as a signed big-endian int64
 //! ```
 //!
-//! (Python: `int.from_bytes(hashlib.sha256(b"manna_crypt:" + name.encode()).digest()[:8], "big", signed=True)`.)
+//! In Python:
+//!
+//! ```text
+//! digest = hashlib.sha256(b"manna_crypt:" + name.encode()).digest()
+//! key = int.from_bytes(digest[:8], "big", signed=True)
+//! ```
 //! Any client can therefore also use `pg_advisory_lock(manna_crypt.lock_key(name))`
 //! directly. Timeouts use `lock_timeout` around a normal, fair, queued lock
 //! wait, so waiters are served in order and a cancel interrupts the wait.
@@ -16,12 +21,13 @@
 use std::ffi::CString;
 
 use pgrx::datum::Interval;
-use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 use sha2::{Digest, Sha256};
 
-use crate::error::{not_null, McError, OrRaise};
+use crate::error::{not_null, McError, McResult, OrRaise};
+use crate::pg::guc::GucNest;
+use crate::pg::spi::{self, Mode};
 
 /// The advisory lock key for a name.
 pub fn key_for(name: &str) -> i64 {
@@ -74,57 +80,74 @@ fn timeout_ms(timeout: Option<Interval>) -> Option<i64> {
     })
 }
 
+const LOCK_XACT: &str = "SELECT pg_catalog.pg_advisory_xact_lock($1)";
+const LOCK_SESSION: &str = "SELECT pg_catalog.pg_advisory_lock($1)";
+const TRY_LOCK_XACT: &str = "SELECT pg_catalog.pg_try_advisory_xact_lock($1)";
+const TRY_LOCK_SESSION: &str = "SELECT pg_catalog.pg_try_advisory_lock($1)";
+const UNLOCK: &str = "SELECT pg_catalog.pg_advisory_unlock($1)";
+
+/// pg_locks rows of the int8 advisory lock `$1` in this database: the key's
+/// high and low 32 bits are stored as classid and objid, objsubid = 1.
+macro_rules! lock_rows {
+    () => {
+        "FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted \
+         AND database = (SELECT oid FROM pg_catalog.pg_database \
+                          WHERE datname = pg_catalog.current_database()) \
+         AND classid::int8 = (($1 >> 32) & 4294967295) \
+         AND objid::int8 = ($1 & 4294967295) AND objsubid = 1"
+    };
+}
+const HELD_BY_ME: &str = concat!(
+    "SELECT EXISTS (SELECT ",
+    lock_rows!(),
+    " AND pid = pg_catalog.pg_backend_pid())"
+);
+const HOLDER: &str = concat!("SELECT pid ", lock_rows!(), " LIMIT 1");
+
+/// Taking, trying and releasing an advisory lock are function calls inside
+/// a SELECT: they change no table, so the read-only path serves them and no
+/// transaction id is assigned.
+fn call_bool(sql: &str, key: i64) -> McResult<bool> {
+    Ok(spi::one::<bool>(Mode::Read, sql, &[key.into()])?.unwrap_or(false))
+}
+
 /// Waits for the lock, at most `timeout` (NULL = wait indefinitely).
 fn acquire(name: &str, scope: Scope, timeout: Option<Interval>) {
     check(name);
     let key = key_for(name);
     let sql = match scope {
-        Scope::Transaction => "SELECT pg_catalog.pg_advisory_xact_lock($1)",
-        Scope::Session => "SELECT pg_catalog.pg_advisory_lock($1)",
+        Scope::Transaction => LOCK_XACT,
+        Scope::Session => LOCK_SESSION,
     };
     let Some(ms) = timeout_ms(timeout) else {
-        Spi::run_with_args(sql, &[key.into()])
-            .map_err(McError::from)
-            .or_raise();
+        spi::rows(Mode::Read, sql, &[key.into()], |_| Ok(())).or_raise();
         return;
     };
     let name_owned = name.to_owned();
-    // SAFETY: the GUC nest level is popped on success below; on error the
-    // (sub)transaction abort pops it, as for any function-level SET.
-    let nest = unsafe {
-        let nest = pg_sys::NewGUCNestLevel();
-        let value = CString::new(ms.to_string()).expect("digits");
-        crate::keys::owner::set_local(c"lock_timeout", &value);
-        nest
-    };
+    let settings = GucNest::new();
+    let value = CString::new(ms.to_string()).unwrap_or_default();
+    settings.set(c"lock_timeout", &value);
     PgTryBuilder::new(|| {
-        Spi::run_with_args(sql, &[key.into()])
-            .map_err(McError::from)
-            .or_raise()
+        spi::rows(Mode::Read, sql, &[key.into()], |_| Ok(())).or_raise();
     })
     .catch_when(PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, move |_| {
-        McError::Usage {
-            code: PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+        McError::LockNotAvailable {
             message: format!("could not obtain lock \"{name_owned}\" within {ms} ms"),
-            hint: Some("another session holds it; see pg_locks where locktype = 'advisory'".into()),
+            hint: "another session holds it; see pg_locks where locktype = 'advisory'".into(),
         }
         .raise()
     })
     .execute();
-    // SAFETY: pops the nest level pushed above.
-    unsafe { pg_sys::AtEOXact_GUC(true, nest) };
+    drop(settings);
 }
 
 fn try_acquire(name: &str, scope: Scope) -> bool {
     check(name);
     let sql = match scope {
-        Scope::Transaction => "SELECT pg_catalog.pg_try_advisory_xact_lock($1)",
-        Scope::Session => "SELECT pg_catalog.pg_try_advisory_lock($1)",
+        Scope::Transaction => TRY_LOCK_XACT,
+        Scope::Session => TRY_LOCK_SESSION,
     };
-    Spi::get_one_with_args::<bool>(sql, &[key_for(name).into()])
-        .map_err(McError::from)
-        .or_raise()
-        .unwrap_or(false)
+    call_bool(sql, key_for(name)).or_raise()
 }
 
 /// Takes the named lock until the end of the transaction, waiting at most
@@ -157,38 +180,19 @@ fn try_lock_session(name: &str) -> bool {
 #[pg_extern(volatile, parallel_unsafe)]
 fn unlock(name: &str) -> bool {
     check(name);
-    Spi::get_one_with_args::<bool>(
-        "SELECT pg_catalog.pg_advisory_unlock($1)",
-        &[key_for(name).into()],
-    )
-    .map_err(McError::from)
-    .or_raise()
-    .unwrap_or(false)
+    call_bool(UNLOCK, key_for(name)).or_raise()
 }
 
-/// pg_locks rows of the int8 advisory lock `$1` in this database: the key's
-/// high and low 32 bits are stored as classid and objid, objsubid = 1.
-const LOCK_ROWS: &str = "FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted \
-    AND database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()) \
-    AND classid::int8 = (($1 >> 32) & 4294967295) AND objid::int8 = ($1 & 4294967295) AND objsubid = 1";
-
 /// Whether this session holds the named lock (either scope).
-pub fn held_by_me(name: &str) -> bool {
-    let key = key_for(name);
-    Spi::get_one_with_args::<bool>(
-        &format!("SELECT EXISTS (SELECT {LOCK_ROWS} AND pid = pg_catalog.pg_backend_pid())"),
-        &[key.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false)
+pub fn held_by_me(name: &str) -> McResult<bool> {
+    call_bool(HELD_BY_ME, key_for(name))
 }
 
 /// The process id of a session holding the named lock, or NULL.
 #[pg_extern(volatile, parallel_unsafe)]
 fn lock_holder(name: &str) -> Option<i32> {
     check(name);
-    holder(name)
+    holder(name).or_raise()
 }
 
 /// Takes a named session lock if free (for the re-encryption engine).
@@ -197,27 +201,16 @@ pub fn try_lock(name: &str) -> bool {
 }
 
 /// The pid holding a named lock, if any.
-pub fn holder(name: &str) -> Option<i32> {
-    Spi::get_one_with_args::<i32>(
-        &format!("SELECT pid {LOCK_ROWS} LIMIT 1"),
-        &[key_for(name).into()],
-    )
-    .ok()
-    .flatten()
+pub fn holder(name: &str) -> McResult<Option<i32>> {
+    spi::one::<i32>(Mode::Read, HOLDER, &[key_for(name).into()])
 }
 
 /// Releases every hold this session has on a named session lock.
-pub fn unlock_all(name: &str) {
-    while held_by_me(name) {
-        let released = Spi::get_one_with_args::<bool>(
-            "SELECT pg_catalog.pg_advisory_unlock($1)",
-            &[key_for(name).into()],
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false);
-        if !released {
+pub fn unlock_all(name: &str) -> McResult<()> {
+    while held_by_me(name)? {
+        if !call_bool(UNLOCK, key_for(name))? {
             break;
         }
     }
+    Ok(())
 }

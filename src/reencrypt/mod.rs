@@ -1,10 +1,19 @@
-//! In-place re-encryption of columns (DESIGN.md section 4).
+//! In-place re-encryption of columns (docs/DESIGN.md section 4).
 //!
-//! - [`classify`]: what a stored value is (ciphertext, Fernet, plaintext, malformed);
-//! - [`engine`]: the batch engine behind the three procedures;
-//! - [`registry`]: the columns manna_crypt knows hold ciphertexts, so that a
-//!   key still in use cannot be revoked or destroyed by accident.
+//! Layered bottom-up; a module calls only the ones listed before it:
+//!
+//! - [`classify`]: `value_class()`, the SQL face of the core's classifier;
+//! - [`convert`]: a run's mode and keys, and the decision for one value;
+//! - [`target`]: which table and column may be re-encrypted, and their size;
+//! - [`run`]: the state of a run between the procedure's calls;
+//! - [`batch`]: one batch, a single UPDATE over a range of heap blocks;
+//! - [`progress`]: the runs and failures tables, audit events, NOTICEs;
+//! - [`engine`]: start, step and finish, the functions the procedures call.
 
+pub mod batch;
 pub mod classify;
+pub mod convert;
 pub mod engine;
-pub mod registry;
+pub mod progress;
+pub mod run;
+pub mod target;

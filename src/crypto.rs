@@ -1,0 +1,139 @@
+//! The seal/open service every SQL surface and the re-encryption engine
+//! share: a nonce source per backend, raw keys, keyring keys through the key
+//! cache, Fernet tokens through a Fernet keyring.
+//!
+//! Nonces: each backend (and each parallel worker, a separate process) draws
+//! from its own generator, reseeded whenever the process id changes (see
+//! `manna_crypt_core::nonce`), so forked processes never share a stream.
+
+use std::cell::RefCell;
+
+use manna_crypt_core::aead::{self, Cipher};
+use manna_crypt_core::envelope::{self, Envelope};
+use manna_crypt_core::fernet::Token;
+use manna_crypt_core::nonce::{NonceSource, NONCE_LEN};
+use manna_crypt_core::secret::Key32;
+use zeroize::Zeroizing;
+
+use crate::error::{McError, McResult};
+use crate::keys::cache;
+use crate::pg::xact::backend_pid;
+
+thread_local! {
+    static NONCES: RefCell<NonceSource> = const { RefCell::new(NonceSource::new()) };
+    /// The last raw key used, with its expanded schedule: a query that passes
+    /// the same key for a million rows expands it once.
+    static RAW_KEY: RefCell<Option<(Key32, Cipher)>> = const { RefCell::new(None) };
+}
+
+/// A fresh 96-bit nonce for one encryption.
+pub fn next_nonce() -> [u8; NONCE_LEN] {
+    NONCES.with(|n| n.borrow_mut().draw_in(backend_pid()))
+}
+
+/// Where the key for an operation comes from.
+pub enum KeySource<'a> {
+    Raw(&'a [u8]),
+    Keyring(&'a str),
+}
+
+/// A caller's raw AES-256 key: exactly 32 bytes (22023 otherwise).
+pub fn raw_key(key: &[u8]) -> McResult<Key32> {
+    Key32::from_slice(key).map_err(|e| McError::BadArgument {
+        message: "AES-256-GCM key must be 32 bytes".into(),
+        detail: Some(format!("the key given is {} bytes long", e.0)),
+        hint: Some("use gen_random_bytes(32) from pgcrypto, or a keyring".into()),
+    })
+}
+
+fn with_raw_cipher<T>(key: &[u8], f: impl FnOnce(&Cipher) -> T) -> McResult<T> {
+    let key = raw_key(key)?;
+    RAW_KEY.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        match &*slot {
+            Some((k, cipher)) if k.as_bytes() == key.as_bytes() => Ok(f(cipher)),
+            _ => {
+                let cipher = Cipher::new(&key);
+                let out = f(&cipher);
+                *slot = Some((key, cipher));
+                Ok(out)
+            }
+        }
+    })
+}
+
+/// Seals `plaintext` into a binary envelope.
+pub fn seal_value(source: KeySource<'_>, plaintext: &[u8], aad: &[u8]) -> McResult<Vec<u8>> {
+    let nonce = next_nonce();
+    match source {
+        KeySource::Raw(key) => with_raw_cipher(key, |c| aead::seal(c, 0, nonce, aad, plaintext)),
+        KeySource::Keyring(name) => {
+            let (key_id, cipher) = cache::active_key(name)?;
+            Ok(aead::seal(&cipher, key_id, nonce, aad, plaintext))
+        }
+    }
+}
+
+/// Opens a binary envelope. With `None` the key comes from the envelope's
+/// key id; with a raw key the envelope's key id is only authenticated.
+pub fn open_value(
+    raw_key: Option<&[u8]>,
+    bytes: &[u8],
+    aad: &[u8],
+) -> McResult<Zeroizing<Vec<u8>>> {
+    let env = Envelope::parse(bytes)?;
+    match raw_key {
+        Some(key) => with_raw_cipher(key, |c| aead::open(c, &env, aad))?.map_err(|_| {
+            McError::Unauthenticated {
+                detail: if env.key_id == 0 {
+                    "the AES-GCM authentication tag did not verify".into()
+                } else {
+                    format!(
+                        "the value names keyring key id {}, not a raw key (id 0)",
+                        env.key_id
+                    )
+                },
+            }
+        }),
+        None => {
+            let cipher = cache::key_for_decrypt(env.key_id)?;
+            aead::open(&cipher, &env, aad).map_err(|_| McError::Unauthenticated {
+                detail: format!(
+                    "the AES-GCM authentication tag did not verify under key id {}",
+                    env.key_id
+                ),
+            })
+        }
+    }
+}
+
+/// Seals under a known cipher and opens the result again before handing it
+/// out: the re-encryption engine writes nothing that does not decrypt back
+/// to its plaintext.
+pub fn seal_verified(
+    cipher: &Cipher,
+    key_id: u32,
+    plaintext: &[u8],
+    aad: &[u8],
+) -> McResult<String> {
+    let env = aead::seal(cipher, key_id, next_nonce(), aad, plaintext);
+    let back = aead::open(cipher, &Envelope::parse(&env)?, aad)?;
+    if back[..] != plaintext[..] {
+        return Err(McError::Internal(
+            "re-encrypted value did not decrypt back to its plaintext".into(),
+        ));
+    }
+    Ok(envelope::to_text(&env))
+}
+
+/// Decrypts a Fernet token with a Fernet keyring's keys, newest first.
+pub fn open_token(token: &str, keyring: &str) -> McResult<Zeroizing<Vec<u8>>> {
+    open_parsed_token(&Token::parse(token)?, keyring)
+}
+
+/// Decrypts an already parsed token with a Fernet keyring's keys.
+pub fn open_parsed_token(token: &Token, keyring: &str) -> McResult<Zeroizing<Vec<u8>>> {
+    let keys = cache::fernet_keys(keyring)?;
+    let (_, plaintext) = token.decrypt(keys.iter().map(|(_, k)| k))?;
+    Ok(plaintext)
+}

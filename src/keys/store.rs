@@ -1,0 +1,381 @@
+//! Every statement on the key tables (`keyrings`, `data_keys`,
+//! `root_key_check`, `audit_log`), each a named constant, and the typed rows
+//! they return. Callers decide whose rights these run with (normally the
+//! extension owner's, see [`crate::pg::security`]); nothing here switches.
+//!
+//! Reads that serve the key cache use the read-only SPI path (they run in
+//! parallel workers and on standbys); everything a lifecycle function reads
+//! while it writes uses the read-write path, so it sees its own writes.
+
+use pgrx::datum::Interval;
+use pgrx::pg_sys;
+use pgrx::JsonB;
+
+use crate::error::{McError, McResult};
+use crate::pg::spi::{self, Mode};
+
+/// A key version's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Active,
+    DecryptOnly,
+    Revoked,
+    Destroyed,
+}
+
+impl Status {
+    /// The column value; the table's CHECK allows exactly these four.
+    pub fn parse(s: &str) -> Status {
+        match s {
+            "active" => Status::Active,
+            "decrypt_only" => Status::DecryptOnly,
+            "revoked" => Status::Revoked,
+            _ => Status::Destroyed,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Active => "active",
+            Status::DecryptOnly => "decrypt_only",
+            Status::Revoked => "revoked",
+            Status::Destroyed => "destroyed",
+        }
+    }
+}
+
+// ---- reads for the key cache (read-only) ---------------------------------
+
+const DATA_KEYS_OID: &str = "SELECT 'manna_crypt.data_keys'::pg_catalog.regclass::pg_catalog.oid";
+
+const STORED_CHECK: &str = "SELECT check_value, fingerprint FROM manna_crypt.root_key_check";
+
+const KEY_BY_ID: &str = "\
+    SELECT r.name, r.kind, k.status, k.wrapped \
+      FROM manna_crypt.data_keys k JOIN manna_crypt.keyrings r USING (keyring_id) \
+     WHERE k.key_id = $1";
+
+const RING_BY_NAME: &str = "\
+    SELECT r.kind, k.key_id::int8, k.status, k.wrapped \
+      FROM manna_crypt.keyrings r \
+      LEFT JOIN manna_crypt.data_keys k ON k.keyring_id = r.keyring_id \
+           AND k.status IN ('active', 'decrypt_only') \
+     WHERE r.name = $1 ORDER BY k.version DESC";
+
+const RING_KEY_IDS: &str = "\
+    SELECT k.key_id FROM manna_crypt.data_keys k JOIN manna_crypt.keyrings r USING (keyring_id) \
+     WHERE r.name = $1";
+
+/// The OID of `manna_crypt.data_keys` in this database.
+pub fn data_keys_oid() -> McResult<pg_sys::Oid> {
+    spi::one::<pg_sys::Oid>(Mode::Read, DATA_KEYS_OID, &[])?
+        .ok_or_else(|| McError::Internal("manna_crypt.data_keys is missing".into()))
+}
+
+/// The stored root-key check value and the fingerprint of its root key.
+pub struct StoredCheck {
+    pub check_value: Vec<u8>,
+    pub fingerprint: String,
+}
+
+pub fn stored_check() -> McResult<Option<StoredCheck>> {
+    let rows = spi::rows(Mode::Read, STORED_CHECK, &[], check_row)?;
+    Ok(rows.into_iter().next())
+}
+
+fn check_row(r: &spi::Row) -> McResult<StoredCheck> {
+    Ok(StoredCheck {
+        check_value: r.req(1)?,
+        fingerprint: r.req(2)?,
+    })
+}
+
+/// A data key as the cache needs it.
+pub struct KeyRow {
+    pub keyring: String,
+    pub fernet: bool,
+    pub status: Status,
+    pub wrapped: Option<Vec<u8>>,
+}
+
+pub fn key_by_id(key_id: u32) -> McResult<Option<KeyRow>> {
+    let rows = spi::rows(Mode::Read, KEY_BY_ID, &[i64::from(key_id).into()], |r| {
+        Ok(KeyRow {
+            keyring: r.req(1)?,
+            fernet: r.req::<String>(2)? == "fernet",
+            status: Status::parse(&r.req::<String>(3)?),
+            wrapped: r.get(4)?,
+        })
+    })?;
+    Ok(rows.into_iter().next())
+}
+
+/// A keyring's usable keys (active and decrypt_only), newest first.
+pub struct RingRows {
+    pub fernet: bool,
+    /// (key id, status, wrapped key); empty when the keyring has none.
+    pub keys: Vec<(u32, Status, Vec<u8>)>,
+}
+
+/// `None` when the keyring does not exist.
+pub fn ring_by_name(name: &str) -> McResult<Option<RingRows>> {
+    type Raw = (String, Option<i64>, Option<String>, Option<Vec<u8>>);
+    let raw: Vec<Raw> = spi::rows(Mode::Read, RING_BY_NAME, &[name.into()], |r| {
+        Ok((r.req(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    })?;
+    let Some(first) = raw.first() else {
+        return Ok(None);
+    };
+    let fernet = first.0 == "fernet";
+    let keys = raw
+        .into_iter()
+        .filter_map(|(_, id, status, wrapped)| {
+            Some((id? as u32, Status::parse(&status?), wrapped?))
+        })
+        .collect();
+    Ok(Some(RingRows { fernet, keys }))
+}
+
+/// Every key id a keyring ever had.
+pub fn ring_key_ids(name: &str) -> McResult<Vec<u32>> {
+    spi::rows(Mode::Read, RING_KEY_IDS, &[name.into()], |r| {
+        Ok(r.req::<i32>(1)? as u32)
+    })
+}
+
+// ---- lifecycle (read-write) ----------------------------------------------
+
+const INSERT_CHECK: &str = "\
+    INSERT INTO manna_crypt.root_key_check (check_value, fingerprint) VALUES ($1, $2) \
+    ON CONFLICT DO NOTHING";
+
+const LOCK_CHECK: &str = "\
+    SELECT check_value, fingerprint FROM manna_crypt.root_key_check FOR SHARE";
+
+const REPLACE_CHECK: &str = "\
+    UPDATE manna_crypt.root_key_check SET check_value = $1, fingerprint = $2, created_at = now()";
+
+const NEXT_KEY_ID: &str = "SELECT nextval('manna_crypt.key_id_seq')::int4";
+
+const INSERT_KEY: &str = "\
+    INSERT INTO manna_crypt.data_keys \
+           (key_id, keyring_id, version, status, wrapped, root_fingerprint) \
+    VALUES ($1, $2, $3, $4, $5, $6)";
+
+const INSERT_GCM_RING: &str = "\
+    INSERT INTO manna_crypt.keyrings (name, kind, rotation_period, created_by) \
+    VALUES ($1, 'gcm', $2, $3) \
+    ON CONFLICT (name) DO NOTHING RETURNING keyring_id";
+
+const INSERT_FERNET_RING: &str = "\
+    INSERT INTO manna_crypt.keyrings (name, kind, created_by) VALUES ($1, 'fernet', $2) \
+    ON CONFLICT (name) DO NOTHING";
+
+const LOCK_RING: &str = "\
+    SELECT keyring_id, kind FROM manna_crypt.keyrings WHERE name = $1 FOR UPDATE";
+
+const NEXT_VERSION: &str = "\
+    SELECT coalesce(max(version), 0) + 1 FROM manna_crypt.data_keys WHERE keyring_id = $1";
+
+const RETIRE_ACTIVE: &str = "\
+    UPDATE manna_crypt.data_keys SET status = 'decrypt_only', status_changed_at = now() \
+     WHERE keyring_id = $1 AND status = 'active' RETURNING key_id";
+
+const MARK_ROTATED: &str =
+    "UPDATE manna_crypt.keyrings SET rotated_at = now() WHERE keyring_id = $1";
+
+const DUE_RINGS: &str = "\
+    SELECT name FROM manna_crypt.keyrings \
+     WHERE kind = 'gcm' AND rotation_period IS NOT NULL \
+       AND coalesce(rotated_at, created_at) + rotation_period <= now() \
+     ORDER BY name";
+
+const SET_PERIOD: &str =
+    "UPDATE manna_crypt.keyrings SET rotation_period = $2 WHERE keyring_id = $1";
+
+const LOCK_KEY: &str = "\
+    SELECT r.name, k.status \
+      FROM manna_crypt.data_keys k JOIN manna_crypt.keyrings r USING (keyring_id) \
+     WHERE k.key_id = $1 FOR UPDATE OF k";
+
+const SET_STATUS: &str = "\
+    UPDATE manna_crypt.data_keys SET status = $2, status_changed_at = now() WHERE key_id = $1";
+
+const SHRED: &str = "\
+    UPDATE manna_crypt.data_keys \
+       SET status = 'destroyed', wrapped = NULL, status_changed_at = now() \
+     WHERE key_id = $1";
+
+// `Write`, not `Read`: a read-only statement cannot lock rows.
+const LOCK_ALL_WRAPPED: &str = "\
+    SELECT key_id, wrapped FROM manna_crypt.data_keys WHERE wrapped IS NOT NULL \
+     ORDER BY key_id FOR UPDATE";
+
+const SET_WRAPPED: &str = "\
+    UPDATE manna_crypt.data_keys SET wrapped = $2, root_fingerprint = $3 WHERE key_id = $1";
+
+const AUDIT: &str = "\
+    INSERT INTO manna_crypt.audit_log (role_name, event, keyring, key_id, detail) \
+    VALUES ($1, $2, $3, $4, $5)";
+
+/// Stores the check value unless one is stored already.
+pub fn insert_check(check_value: &[u8], fingerprint: &str) -> McResult<()> {
+    spi::run(INSERT_CHECK, &[check_value.into(), fingerprint.into()])
+}
+
+/// The stored check value, share-locked until commit.
+pub fn lock_check() -> McResult<Option<StoredCheck>> {
+    let rows = spi::rows(Mode::Write, LOCK_CHECK, &[], check_row)?;
+    Ok(rows.into_iter().next())
+}
+
+pub fn replace_check(check_value: &[u8], fingerprint: &str) -> McResult<()> {
+    spi::run(REPLACE_CHECK, &[check_value.into(), fingerprint.into()])
+}
+
+pub fn next_key_id() -> McResult<i32> {
+    spi::one::<i32>(Mode::Write, NEXT_KEY_ID, &[])?
+        .ok_or_else(|| McError::Internal("nextval returned null".into()))
+}
+
+pub struct NewKey<'a> {
+    pub key_id: i32,
+    pub keyring_id: i32,
+    pub version: i32,
+    pub status: Status,
+    pub wrapped: Vec<u8>,
+    pub root_fingerprint: &'a str,
+}
+
+pub fn insert_key(k: NewKey<'_>) -> McResult<()> {
+    spi::run(
+        INSERT_KEY,
+        &[
+            k.key_id.into(),
+            k.keyring_id.into(),
+            k.version.into(),
+            k.status.as_str().into(),
+            k.wrapped.into(),
+            k.root_fingerprint.into(),
+        ],
+    )
+}
+
+/// The new keyring's id, or `None` when the name is taken.
+pub fn insert_gcm_ring(
+    name: &str,
+    rotation_period: Option<Interval>,
+    created_by: &str,
+) -> McResult<Option<i32>> {
+    spi::one::<i32>(
+        Mode::Write,
+        INSERT_GCM_RING,
+        &[name.into(), rotation_period.into(), created_by.into()],
+    )
+}
+
+/// Creates a Fernet keyring unless the name is taken (by either kind).
+pub fn ensure_fernet_ring(name: &str, created_by: &str) -> McResult<()> {
+    spi::run(INSERT_FERNET_RING, &[name.into(), created_by.into()])
+}
+
+/// A keyring, locked until commit.
+pub struct RingLock {
+    pub keyring_id: i32,
+    pub fernet: bool,
+}
+
+pub fn lock_ring(name: &str) -> McResult<RingLock> {
+    spi::rows(Mode::Write, LOCK_RING, &[name.into()], |r| {
+        Ok(RingLock {
+            keyring_id: r.req(1)?,
+            fernet: r.req::<String>(2)? == "fernet",
+        })
+    })?
+    .into_iter()
+    .next()
+    .ok_or_else(|| McError::unknown_keyring(name))
+}
+
+pub fn next_version(keyring_id: i32) -> McResult<i32> {
+    Ok(spi::one::<i32>(Mode::Write, NEXT_VERSION, &[keyring_id.into()])?.unwrap_or(1))
+}
+
+/// Makes the active key `decrypt_only`; returns its id, if there was one.
+pub fn retire_active(keyring_id: i32) -> McResult<Option<i32>> {
+    spi::one::<i32>(Mode::Write, RETIRE_ACTIVE, &[keyring_id.into()])
+}
+
+pub fn mark_rotated(keyring_id: i32) -> McResult<()> {
+    spi::run(MARK_ROTATED, &[keyring_id.into()])
+}
+
+/// AES-GCM keyrings whose rotation period has elapsed, by name.
+pub fn due_rings() -> McResult<Vec<String>> {
+    spi::rows(Mode::Write, DUE_RINGS, &[], |r| r.req(1))
+}
+
+pub fn set_period(keyring_id: i32, period: Option<Interval>) -> McResult<()> {
+    spi::run(SET_PERIOD, &[keyring_id.into(), period.into()])
+}
+
+/// A key and its keyring's name, the key row locked until commit.
+pub struct KeyLock {
+    pub keyring: String,
+    pub status: Status,
+}
+
+pub fn lock_key(key_id: i32) -> McResult<KeyLock> {
+    spi::rows(Mode::Write, LOCK_KEY, &[key_id.into()], |r| {
+        Ok(KeyLock {
+            keyring: r.req(1)?,
+            status: Status::parse(&r.req::<String>(2)?),
+        })
+    })?
+    .into_iter()
+    .next()
+    .ok_or_else(|| McError::unknown_key(key_id.into()))
+}
+
+pub fn set_status(key_id: i32, status: Status) -> McResult<()> {
+    spi::run(SET_STATUS, &[key_id.into(), status.as_str().into()])
+}
+
+/// Crypto-shredding: the wrapped key is wiped from the row.
+pub fn shred(key_id: i32) -> McResult<()> {
+    spi::run(SHRED, &[key_id.into()])
+}
+
+/// Every wrapped key, locked until commit.
+pub fn lock_all_wrapped() -> McResult<Vec<(i32, Vec<u8>)>> {
+    spi::rows(Mode::Write, LOCK_ALL_WRAPPED, &[], |r| {
+        Ok((r.req(1)?, r.req(2)?))
+    })
+}
+
+pub fn set_wrapped(key_id: i32, wrapped: Vec<u8>, root_fingerprint: &str) -> McResult<()> {
+    spi::run(
+        SET_WRAPPED,
+        &[key_id.into(), wrapped.into(), root_fingerprint.into()],
+    )
+}
+
+/// Appends to the audit log, in the caller's transaction.
+pub fn audit(
+    role: &str,
+    event: &str,
+    keyring: Option<&str>,
+    key_id: Option<i32>,
+    detail: serde_json::Value,
+) -> McResult<()> {
+    spi::run(
+        AUDIT,
+        &[
+            role.into(),
+            event.into(),
+            keyring.into(),
+            key_id.into(),
+            JsonB(detail).into(),
+        ],
+    )
+}

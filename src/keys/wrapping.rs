@@ -1,0 +1,110 @@
+//! Data keys under the root key: wrapping a new key, and re-wrapping every
+//! key under a new root key (`rewrap_keys()`, root-key rotation).
+//!
+//! The two are ordered by the `root_key_check` row: creating a key holds a
+//! share lock on it until commit, and `rewrap_keys()` updates it before it
+//! reads the keys. So a key created concurrently with a root-key rotation is
+//! either seen (and re-wrapped) by the rotation, or created after it, under
+//! the new root key.
+
+use std::rc::Rc;
+
+use manna_crypt_core::keywrap;
+use manna_crypt_core::nonce::NonceSource;
+use manna_crypt_core::secret::Key32;
+use pgrx::prelude::*;
+use serde_json::json;
+
+use super::cache;
+use super::rootkey::{self, RootKey};
+use super::store::{self, NewKey, Status};
+use crate::error::{McError, McResult, OrRaise};
+use crate::pg::security::{caller_name, run_as, Identity};
+use crate::pg::xact::refuse_during_recovery;
+
+/// The root key new data keys are wrapped under. The first time keys are
+/// created, stores the root key's check value; then share-locks it.
+fn root_for_new_keys() -> McResult<Rc<RootKey>> {
+    let root = rootkey::effective_root()?;
+    store::insert_check(&keywrap::check_value(&root.key), &root.fingerprint)?;
+    let locked = store::lock_check()?;
+    match &locked {
+        Some(check) if !keywrap::matches_check_value(&root.key, &check.check_value) => {
+            // A rewrap_keys() committed while we waited for the lock: the
+            // keys are now under another root key. Decide again against the
+            // value we now hold locked.
+            cache::clear();
+            rootkey::root_for_check(Some(check))
+        }
+        _ => Ok(root),
+    }
+}
+
+/// Wraps and stores `key` as a new version of a keyring. Returns its key id.
+/// Must run as the extension owner.
+pub fn insert_key(keyring_id: i32, version: i32, status: Status, key: &Key32) -> McResult<i32> {
+    let root = root_for_new_keys()?;
+    let key_id = store::next_key_id()?;
+    let wrapped = keywrap::wrap(&root.key, key_id as u32, key, &mut NonceSource::new());
+    store::insert_key(NewKey {
+        key_id,
+        keyring_id,
+        version,
+        status,
+        wrapped,
+        root_fingerprint: &root.fingerprint,
+    })?;
+    Ok(key_id)
+}
+
+/// Root-key rotation: re-wraps every data key, now under the previous root
+/// key, under the current one. No encrypted row is touched. Returns the
+/// number of keys re-wrapped (0 when they already are under the current key).
+#[pg_extern(volatile, parallel_unsafe)]
+fn rewrap_keys() -> i32 {
+    refuse_during_recovery(c"manna_crypt.rewrap_keys()");
+    let role = caller_name();
+    run_as(Identity::ExtensionOwner, || rewrap_all(&role)).or_raise()
+}
+
+fn rewrap_all(role: &str) -> McResult<i32> {
+    let current = rootkey::current()?;
+    let from = rootkey::effective_root()?;
+    if from.fingerprint == current.fingerprint {
+        notice!(
+            "all data keys are already wrapped under the current root key ({})",
+            current.fingerprint
+        );
+        return Ok(0);
+    }
+    // The check value first: this row lock orders us after any transaction
+    // that is creating a key (see root_for_new_keys), so the select below
+    // sees its key.
+    store::replace_check(&keywrap::check_value(&current.key), &current.fingerprint)?;
+    let rows = store::lock_all_wrapped()?;
+    let mut nonces = NonceSource::new();
+    for (key_id, wrapped) in &rows {
+        let key = keywrap::unwrap(&from.key, *key_id as u32, wrapped).map_err(|_| {
+            McError::Unauthenticated {
+                detail: format!(
+                    "the stored data key {key_id} does not unwrap under the previous root key"
+                ),
+            }
+        })?;
+        let rewrapped = keywrap::wrap(&current.key, *key_id as u32, &key, &mut nonces);
+        store::set_wrapped(*key_id, rewrapped, &current.fingerprint)?;
+    }
+    store::audit(
+        role,
+        "rewrap_keys",
+        None,
+        None,
+        json!({
+            "from_root": from.fingerprint,
+            "to_root": current.fingerprint,
+            "keys": rows.len(),
+        }),
+    )?;
+    cache::clear();
+    Ok(rows.len() as i32)
+}

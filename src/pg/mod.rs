@@ -1,0 +1,16 @@
+//! PostgreSQL plumbing shared by every layer above. No SQL-visible function
+//! lives here, and nothing here knows about keys or ciphertexts.
+//!
+//! - [`spi`]: the one SQL helper, with a read-only path for reads;
+//! - [`security`]: whose rights work runs with (extension owner, table
+//!   owner in a security-restricted operation, or the caller);
+//! - [`guc`]: function-local settings;
+//! - [`xact`]: transaction-state checks (standby, transaction block);
+//! - [`datum`]: return types pgrx does not provide (the domain, wiped
+//!   plaintext buffers).
+
+pub mod datum;
+pub mod guc;
+pub mod security;
+pub mod spi;
+pub mod xact;

@@ -1,0 +1,183 @@
+//! What a run does with one value: the mode of a run, the keys a batch
+//! needs, and [`convert`], which parses each value once and decides.
+
+use std::collections::HashSet;
+use std::rc::Rc;
+
+use manna_crypt_core::aead::Cipher;
+use manna_crypt_core::classify::{classify, Class};
+use manna_crypt_core::envelope::{self, Envelope};
+use manna_crypt_core::fernet::{Token, TOKEN_PREFIX};
+use zeroize::Zeroizing;
+
+use crate::crypto::{open_parsed_token, open_value, seal_verified};
+use crate::error::McResult;
+use crate::keys::{cache, store};
+use crate::pg::datum::is_text;
+use crate::pg::security::{run_as, Identity};
+
+/// Which procedure a run serves, with its keyrings.
+#[derive(Clone)]
+pub enum Mode {
+    MigrateFernet { source: String, target: String },
+    Rewrap { keyring: String },
+    Encrypt { keyring: String },
+}
+
+impl Mode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::MigrateFernet { .. } => "migrate_fernet",
+            Mode::Rewrap { .. } => "rewrap_column",
+            Mode::Encrypt { .. } => "encrypt_column",
+        }
+    }
+
+    pub fn target(&self) -> &str {
+        match self {
+            Mode::MigrateFernet { target, .. } => target,
+            Mode::Rewrap { keyring } | Mode::Encrypt { keyring } => keyring,
+        }
+    }
+
+    pub fn source(&self) -> Option<&str> {
+        match self {
+            Mode::MigrateFernet { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
+    /// Whether every `mc1:` value is already in target form (so a cheap
+    /// prefix test can skip it); for a rewrap only the active key's are.
+    pub fn any_mc1_is_done(&self) -> bool {
+        !matches!(self, Mode::Rewrap { .. })
+    }
+}
+
+/// What one batch needs from the key cache, fetched once per batch.
+pub struct Keys {
+    pub target_id: u32,
+    pub target: Rc<Cipher>,
+    /// Rewrap: every key id of the keyring.
+    pub ring_ids: HashSet<u32>,
+}
+
+impl Keys {
+    pub fn fetch(mode: &Mode) -> McResult<Keys> {
+        let (target_id, target) = cache::active_key(mode.target())?;
+        let ring_ids = match mode {
+            Mode::Rewrap { keyring } => {
+                run_as(Identity::ExtensionOwner, || store::ring_key_ids(keyring))?
+                    .into_iter()
+                    .collect()
+            }
+            _ => HashSet::new(),
+        };
+        Ok(Keys {
+            target_id,
+            target,
+            ring_ids,
+        })
+    }
+}
+
+/// The decision for one value.
+pub enum Outcome {
+    /// Already in target form: left alone, not counted as converted.
+    Already,
+    /// Rewrap: a ciphertext of another keyring, left alone.
+    OtherKeyring,
+    /// The new value, sealed and verified.
+    Convert(String),
+    /// Cannot be converted: left alone and recorded, with the reason.
+    Fail(Class, String),
+}
+
+const MALFORMED: &str = "starts like a ciphertext or Fernet token but does not parse";
+
+fn fail(class: Class, reason: &str) -> Outcome {
+    Outcome::Fail(class, reason.into())
+}
+
+fn seal(keys: &Keys, class: Class, plaintext: McResult<Zeroizing<Vec<u8>>>, aad: &[u8]) -> Outcome {
+    match plaintext {
+        Ok(pt) if !is_text(&pt) => fail(
+            class,
+            "plaintext is not UTF-8 text or contains a NUL byte; \
+             decrypt_gcm could not return it as text",
+        ),
+        Ok(pt) => match seal_verified(&keys.target, keys.target_id, &pt, aad) {
+            Ok(text) => Outcome::Convert(text),
+            Err(e) => Outcome::Fail(class, e.message()),
+        },
+        Err(e) => Outcome::Fail(class, e.message()),
+    }
+}
+
+/// Decides what to do with one value, parsing it once.
+pub fn convert(mode: &Mode, keys: &Keys, value: &str, aad: &[u8]) -> Outcome {
+    match mode {
+        Mode::MigrateFernet { source, .. } => {
+            if value.starts_with(TOKEN_PREFIX) {
+                return match Token::parse(value) {
+                    Ok(token) => seal(keys, Class::Fernet, open_parsed_token(&token, source), aad),
+                    Err(_) => fail(Class::Malformed, MALFORMED),
+                };
+            }
+            match classify(value) {
+                Class::Mc1(_) => Outcome::Already,
+                Class::Malformed => fail(Class::Malformed, MALFORMED),
+                class => fail(class, "not a Fernet token: plaintext or an unknown format"),
+            }
+        }
+        Mode::Encrypt { .. } => match classify(value) {
+            Class::Mc1(_) => Outcome::Already,
+            Class::Plaintext => seal(
+                keys,
+                Class::Plaintext,
+                Ok(Zeroizing::new(value.as_bytes().to_vec())),
+                aad,
+            ),
+            Class::Fernet => fail(
+                Class::Fernet,
+                "looks like a Fernet token; use migrate_fernet to convert it",
+            ),
+            Class::Malformed => fail(Class::Malformed, MALFORMED),
+        },
+        Mode::Rewrap { .. } => rewrap(keys, value, aad),
+    }
+}
+
+fn rewrap(keys: &Keys, value: &str, aad: &[u8]) -> Outcome {
+    if !value.starts_with(envelope::TEXT_PREFIX) {
+        return fail(classify(value), "not a manna_crypt ciphertext");
+    }
+    let Ok(bytes) = envelope::from_text(value) else {
+        return fail(Class::Malformed, MALFORMED);
+    };
+    let Ok(key_id) = Envelope::parse(&bytes).map(|e| e.key_id) else {
+        return fail(Class::Malformed, MALFORMED);
+    };
+    if key_id == keys.target_id {
+        Outcome::Already
+    } else if keys.ring_ids.contains(&key_id) {
+        seal(keys, Class::Mc1(key_id), open_value(None, &bytes, aad), aad)
+    } else {
+        Outcome::OtherKeyring
+    }
+}
+
+/// SQL predicate for the final "already in target form" count. For
+/// migrate_fernet and encrypt_column a prefix test is enough (the run has
+/// just judged every value; a malformed `mc1:` value was recorded as a
+/// failure) and spares a function call per row of the table.
+pub fn target_form_sql(mode: &Mode, col: &str, active_key_id: u32) -> String {
+    if mode.any_mc1_is_done() {
+        format!("{col}::text LIKE 'mc1:%'")
+    } else {
+        format!(
+            "manna_crypt.is_encrypted({col}::text) \
+             AND manna_crypt.key_id({col}::text) = {active_key_id}"
+        )
+    }
+}

@@ -1,0 +1,72 @@
+//! The state of one re-encryption run, kept in this backend between the
+//! procedure's calls (start, one step per committed batch, finish) and
+//! mirrored into `manna_crypt.reencrypt_runs` by [`super::progress`].
+
+use std::time::Instant;
+
+use pgrx::pg_sys;
+
+use super::convert::Mode;
+
+/// What a pass has seen so far.
+#[derive(Default, Clone, Copy)]
+pub struct Counts {
+    /// Candidate rows the batches looked at (not NULL, not skipped as done).
+    pub scanned: i64,
+    pub converted: i64,
+    pub already: i64,
+    pub nulls: i64,
+    pub failed: i64,
+    pub other_keyring: i64,
+}
+
+pub struct Run {
+    /// The `reencrypt_runs` row; negative for a dry run (nothing is stored).
+    pub id: i64,
+    pub oid: pg_sys::Oid,
+    pub mode: Mode,
+    /// The table, qualified as SQL.
+    pub tbl_sql: String,
+    /// The column as the caller named it (for messages) and quoted.
+    pub col: String,
+    pub col_sql: String,
+    pub aad_sql: Option<String>,
+    pub dry_run: bool,
+    pub blocks_per_batch: i64,
+    pub next_block: i64,
+    /// The table's size when the pass started: rows appended later (our own
+    /// new versions among them) belong to the next pass.
+    pub pass_end_block: i64,
+    pub pass_started: Instant,
+    pub pass: i32,
+    /// This pass only; a new pass starts from zero.
+    pub pass_counts: Counts,
+    pub converted_total: i64,
+    pub total_estimate: i64,
+    pub started: Instant,
+    /// Rows scanned by this session (a resumed run starts from zero).
+    pub scanned_this_call: i64,
+    pub lock_name: String,
+}
+
+impl Run {
+    /// Rows scanned per second by this session.
+    pub fn rate(&self) -> f64 {
+        self.scanned_this_call as f64 / self.started.elapsed().as_secs_f64().max(1e-6)
+    }
+
+    /// Seconds left in this pass, at this pass's pace so far.
+    pub fn eta(&self) -> f64 {
+        if self.next_block == 0 {
+            return 0.0;
+        }
+        let left = (self.pass_end_block - self.next_block).max(0) as f64;
+        self.pass_started.elapsed().as_secs_f64() / self.next_block as f64 * left
+    }
+
+    /// How far this pass is, in percent of its blocks.
+    pub fn percent(&self) -> f64 {
+        let end = self.pass_end_block.max(1);
+        self.next_block.min(end) as f64 / end as f64 * 100.0
+    }
+}
