@@ -34,7 +34,7 @@ if [ "$(cargo pgrx --version 2>/dev/null | awk '{print $2}')" != "$PGRX_VERSION"
 fi
 # cargo pgrx test/run find PostgreSQL through this entry: it must name
 # PG_CONFIG itself, not just any pg_config of the same major version.
-if ! grep -qxF "pg$PG_MAJOR = \"$PG_CONFIG\"" "$HOME/.pgrx/config.toml" 2>/dev/null; then
+if ! grep -qxF "pg$PG_MAJOR = \"$PG_CONFIG\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml" 2>/dev/null; then
     log "cargo pgrx init --pg$PG_MAJOR $PG_CONFIG"
     cargo pgrx init --pg"$PG_MAJOR" "$PG_CONFIG" >/dev/null
 fi
