@@ -37,6 +37,7 @@ GRANT EXECUTE ON FUNCTION
     manna_crypt.reinstate_key(integer),
     manna_crypt.destroy_key(integer, boolean),
     manna_crypt.import_fernet_key(text, text),
+    manna_crypt.import_fernet_key_file(text, text),
     manna_crypt.rewrap_keys(),
     manna_crypt.info(),
     manna_crypt.register_column(regclass, text),
@@ -62,10 +63,17 @@ GRANT EXECUTE ON FUNCTION
     manna_crypt.column_status(regclass, name),
     manna_crypt._reencrypt_start(text, regclass, text, text, text, integer, text, boolean),
     manna_crypt._reencrypt_step(bigint),
-    manna_crypt._reencrypt_finish(bigint),
-    manna_crypt._reencrypt_row(tid, text, text),
-    manna_crypt._reencrypt_value()
+    manna_crypt._reencrypt_finish(bigint)
   TO manna_crypt_admin;
+-- A batch's UPDATE runs as the table's owner (a security-restricted
+-- operation), who may be any role: it calls these two per row. Outside the
+-- batch that issued it they refuse to work (each call carries the batch's
+-- random token, which only the batch statement's text has), so no role
+-- gains anything from EXECUTE on them.
+GRANT EXECUTE ON FUNCTION
+    manna_crypt._reencrypt_row(tid, text, text, bigint),
+    manna_crypt._reencrypt_value(tid, bigint)
+  TO PUBLIC;
 GRANT EXECUTE ON PROCEDURE
     manna_crypt._reencrypt_run(text, regclass, name, text, text, integer, name, boolean),
     manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean),
@@ -101,10 +109,13 @@ COMMENT ON FUNCTION manna_crypt.revoke_key(integer, boolean) IS 'revoke a key: i
 COMMENT ON FUNCTION manna_crypt.reinstate_key(integer) IS 'undo a revocation: the key becomes decrypt_only';
 COMMENT ON FUNCTION manna_crypt.destroy_key(integer, boolean) IS 'crypto-shred a revoked key: its wrapped material is wiped, irreversibly';
 COMMENT ON FUNCTION manna_crypt.import_fernet_key(text, text) IS 'import a legacy Fernet key into a Fernet keyring (created if needed); returns its key id';
+COMMENT ON FUNCTION manna_crypt.import_fernet_key_file(text, text) IS 'import every Fernet key of a server file (one per line, primary first; the server OS user''s, mode 0600) into a Fernet keyring: the keys never pass through SQL text; needs pg_read_server_files';
 COMMENT ON FUNCTION manna_crypt.rewrap_keys() IS 'root-key rotation: re-wrap every data key under the current root key, using the previous one; touches no row';
 COMMENT ON FUNCTION manna_crypt.info() IS 'version, root key source and fingerprint, keyrings, key counts, CPU AES support';
 COMMENT ON FUNCTION manna_crypt.register_column(regclass, text) IS 'record that a text column holds ciphertexts, protecting the keys it uses';
 COMMENT ON FUNCTION manna_crypt.unregister_column(regclass, text) IS 'forget a registered column';
+COMMENT ON FUNCTION manna_crypt._staged_secret() IS 'internal: the wrapped key or check value staged for manna_crypt''s own statement, so no key material is ever statement text or a parameter';
+COMMENT ON FUNCTION manna_crypt._fernet_key_signed(text) IS 'internal: whether the Fernet key being retired signed a token (its usage count)';
 COMMENT ON FUNCTION manna_crypt._invalidate_key_cache() IS 'internal: queue a key cache invalidation for every backend';
 COMMENT ON FUNCTION manna_crypt.version_bump() IS 'optimistic-locking trigger: equal version bumps, old+1 is accepted, anything else raises 40001';
 COMMENT ON FUNCTION manna_crypt.lock_key(text) IS 'the advisory lock key of a lock name: first 8 bytes of sha256(''manna_crypt:'' || name) as signed big-endian int8';
@@ -119,5 +130,5 @@ COMMENT ON FUNCTION manna_crypt.value_class(text) IS 'what a stored value is: mc
 COMMENT ON FUNCTION manna_crypt._reencrypt_start(text, regclass, text, text, text, integer, text, boolean) IS 'internal: start or resume a re-encryption run';
 COMMENT ON FUNCTION manna_crypt._reencrypt_step(bigint) IS 'internal: re-encrypt one batch; true while more remains';
 COMMENT ON FUNCTION manna_crypt._reencrypt_finish(bigint) IS 'internal: finish a re-encryption run';
-COMMENT ON FUNCTION manna_crypt._reencrypt_row(tid, text, text) IS 'internal: convert one row inside a re-encryption batch, or record why not';
-COMMENT ON FUNCTION manna_crypt._reencrypt_value() IS 'internal: the value _reencrypt_row produced for the row being updated';
+COMMENT ON FUNCTION manna_crypt._reencrypt_row(tid, text, text, bigint) IS 'internal: convert one row inside a re-encryption batch, or record why not';
+COMMENT ON FUNCTION manna_crypt._reencrypt_value(tid, bigint) IS 'internal: the value _reencrypt_row produced for the row being updated';

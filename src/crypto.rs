@@ -26,6 +26,48 @@ thread_local! {
     static RAW_KEY: RefCell<Option<(Key32, Cipher)>> = const { RefCell::new(None) };
 }
 
+/// The largest text or bytea value PostgreSQL holds: 1 GB less the varlena
+/// header. A longer result would trip pgrx's datum conversion (XX000).
+pub const MAX_VALUE_BYTES: usize = 0x3fff_ffff - 4;
+
+fn too_large(len: usize) -> McError {
+    McError::TooLarge {
+        message: "encrypted value would exceed 1 GB".into(),
+        detail: format!(
+            "the ciphertext would be {len} bytes; PostgreSQL holds at most {MAX_VALUE_BYTES}"
+        ),
+    }
+}
+
+/// The output forms of an encryption, and how long each is for a plaintext.
+#[derive(Clone, Copy)]
+pub enum Form {
+    /// The binary envelope (`bytea`).
+    Bytes,
+    /// `mc1:` and the envelope in base64 (`text`, `encrypted_text`).
+    Text,
+}
+
+impl Form {
+    fn len_for(self, plaintext_len: usize) -> usize {
+        let envelope = plaintext_len.saturating_add(envelope::OVERHEAD);
+        match self {
+            Form::Bytes => envelope,
+            Form::Text => envelope::TEXT_PREFIX.len() + envelope.div_ceil(3).saturating_mul(4),
+        }
+    }
+
+    /// Checks, before any work is done, that the result of encrypting
+    /// `plaintext_len` bytes fits in a PostgreSQL value (54000 otherwise).
+    pub fn check(self, plaintext_len: usize) -> McResult<()> {
+        let len = self.len_for(plaintext_len);
+        if len > MAX_VALUE_BYTES {
+            return Err(too_large(len));
+        }
+        Ok(())
+    }
+}
+
 /// A fresh 96-bit nonce for one encryption.
 pub fn next_nonce() -> [u8; NONCE_LEN] {
     NONCES.with(|n| n.borrow_mut().draw_in(backend_pid()))
@@ -62,8 +104,15 @@ fn with_raw_cipher<T>(key: &[u8], f: impl FnOnce(&Cipher) -> T) -> McResult<T> {
     })
 }
 
-/// Seals `plaintext` into a binary envelope.
-pub fn seal_value(source: KeySource<'_>, plaintext: &[u8], aad: &[u8]) -> McResult<Vec<u8>> {
+/// Seals `plaintext` into a binary envelope, for a result of form `form`
+/// (checked to fit first).
+pub fn seal_value(
+    source: KeySource<'_>,
+    form: Form,
+    plaintext: &[u8],
+    aad: &[u8],
+) -> McResult<Vec<u8>> {
+    form.check(plaintext.len())?;
     let nonce = next_nonce();
     match source {
         KeySource::Raw(key) => with_raw_cipher(key, |c| aead::seal(c, 0, nonce, aad, plaintext)),
@@ -116,6 +165,7 @@ pub fn seal_verified(
     plaintext: &[u8],
     aad: &[u8],
 ) -> McResult<String> {
+    Form::Text.check(plaintext.len())?;
     let env = aead::seal(cipher, key_id, next_nonce(), aad, plaintext);
     let back = aead::open(cipher, &Envelope::parse(&env)?, aad)?;
     if back[..] != plaintext[..] {

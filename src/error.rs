@@ -80,6 +80,10 @@ pub enum McError {
     WrongType { message: String, hint: String },
     /// 42501: the caller lacks a privilege.
     PermissionDenied { message: String, hint: String },
+    /// 42P01: a table named by OID does not exist (any more).
+    UndefinedTable { message: String },
+    /// 54000: a value would exceed PostgreSQL's 1 GB limit.
+    TooLarge { message: String, detail: String },
 }
 
 pub type McResult<T> = Result<T, McError>;
@@ -139,6 +143,8 @@ impl McError {
             McError::UndefinedColumn { .. } => Code::ERRCODE_UNDEFINED_COLUMN,
             McError::WrongType { .. } => Code::ERRCODE_DATATYPE_MISMATCH,
             McError::PermissionDenied { .. } => Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            McError::UndefinedTable { .. } => Code::ERRCODE_UNDEFINED_TABLE,
+            McError::TooLarge { .. } => Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
         }
     }
 
@@ -209,6 +215,8 @@ impl McError {
             | McError::UndefinedColumn { message, hint }
             | McError::WrongType { message, hint }
             | McError::PermissionDenied { message, hint } => (message, None, Some(hint)),
+            McError::UndefinedTable { message } => (message, None, None),
+            McError::TooLarge { message, detail } => (message, Some(detail), None),
         }
     }
 

@@ -20,7 +20,7 @@ use manna_crypt_core::envelope::{self, Envelope};
 use pgrx::prelude::*;
 use zeroize::Zeroizing;
 
-use crate::crypto::{open_value, raw_key, seal_value, KeySource};
+use crate::crypto::{open_value, raw_key, seal_value, Form, KeySource};
 use crate::error::{not_null, McError, McResult, OrRaise};
 use crate::pg::datum::{EncryptedText, SecretBytes, SecretText};
 
@@ -42,8 +42,13 @@ fn encrypt_gcm_raw(
 ) -> Option<EncryptedText> {
     let key = not_null(key, "key");
     let pt = plaintext?;
-    let env = seal_value(KeySource::Raw(key), pt.as_bytes(), aad_bytes(aad)).or_raise();
-    Some(EncryptedText(envelope::to_text(&env)))
+    let env = seal_value(
+        KeySource::Raw(key),
+        Form::Text,
+        pt.as_bytes(),
+        aad_bytes(aad),
+    );
+    Some(EncryptedText(envelope::to_text(&env.or_raise())))
 }
 
 #[pg_extern(name = "encrypt_gcm", volatile, parallel_safe, requires = ["encrypted_text_domain"])]
@@ -54,8 +59,9 @@ fn encrypt_gcm_keyring(
 ) -> Option<EncryptedText> {
     let keyring = not_null(keyring, "keyring");
     let pt = plaintext?;
-    let env = seal_value(KeySource::Keyring(keyring), pt.as_bytes(), aad_bytes(aad)).or_raise();
-    Some(EncryptedText(envelope::to_text(&env)))
+    let source = KeySource::Keyring(keyring);
+    let env = seal_value(source, Form::Text, pt.as_bytes(), aad_bytes(aad));
+    Some(EncryptedText(envelope::to_text(&env.or_raise())))
 }
 
 #[pg_extern(name = "decrypt_gcm", immutable, parallel_safe)]
@@ -89,7 +95,7 @@ fn encrypt_gcm_raw_bytea(
     aad: default!(Option<&str>, "NULL"),
 ) -> Option<Vec<u8>> {
     let key = not_null(key, "key");
-    Some(seal_value(KeySource::Raw(key), plaintext?, aad_bytes(aad)).or_raise())
+    Some(seal_value(KeySource::Raw(key), Form::Bytes, plaintext?, aad_bytes(aad)).or_raise())
 }
 
 #[pg_extern(name = "encrypt_gcm", volatile, parallel_safe)]
@@ -99,7 +105,8 @@ fn encrypt_gcm_keyring_bytea(
     aad: default!(Option<&str>, "NULL"),
 ) -> Option<Vec<u8>> {
     let keyring = not_null(keyring, "keyring");
-    Some(seal_value(KeySource::Keyring(keyring), plaintext?, aad_bytes(aad)).or_raise())
+    let source = KeySource::Keyring(keyring);
+    Some(seal_value(source, Form::Bytes, plaintext?, aad_bytes(aad)).or_raise())
 }
 
 #[pg_extern(name = "decrypt_gcm", immutable, parallel_safe)]

@@ -48,8 +48,8 @@ extension_sql_file!(
         reencrypt::engine::_reencrypt_start,
         reencrypt::engine::_reencrypt_step,
         reencrypt::engine::_reencrypt_finish,
-        reencrypt::batch::_reencrypt_row,
-        reencrypt::batch::_reencrypt_value,
+        reencrypt::batch::_reencrypt_convert,
+        reencrypt::batch::_reencrypt_take,
         reencrypt::classify::value_class
     ]
 );

@@ -79,7 +79,8 @@ fn text_form_is_prefix_and_base64_of_the_envelope() {
 #[pg_test]
 fn rust_seal_and_open_agree_with_sql() {
     let key = hex::decode(KEY_HEX).expect("hex");
-    let env = crate::crypto::seal_value(crate::crypto::KeySource::Raw(&key), b"from rust", b"ctx")
+    use crate::crypto::{seal_value, Form, KeySource};
+    let env = seal_value(KeySource::Raw(&key), Form::Bytes, b"from rust", b"ctx")
         .unwrap_or_else(|_| panic!("seal failed"));
     let text = Spi::get_one_with_args::<String>(
         &format!(

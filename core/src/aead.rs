@@ -73,6 +73,20 @@ pub fn seal(
     out
 }
 
+/// The bare AEAD primitive's sealing side, `ciphertext ‖ tag`, for formats
+/// of the crate's own that are not envelopes (wrapped keys). Not exposed to
+/// SQL: a caller-chosen nonce must never reach an encryption there.
+pub fn seal_raw(cipher: &Cipher, nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+    let mut out = plaintext.to_vec();
+    let tag = cipher
+        .0
+        .encrypt_in_place_detached(Nonce::from_slice(nonce), aad, &mut out)
+        // Only fails beyond GCM's 64 GiB limit; callers seal 32-byte keys.
+        .expect("plaintext exceeds the AES-GCM length limit");
+    out.extend_from_slice(&tag);
+    out
+}
+
 /// Decrypts a parsed envelope. The plaintext buffer is wiped when dropped.
 pub fn open(
     cipher: &Cipher,
@@ -91,6 +105,16 @@ pub fn open_raw(
     aad: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, AuthError> {
     open_parts(&Cipher::new(key), nonce, sealed, aad)
+}
+
+/// [`open_raw`] with an already expanded key.
+pub fn open_raw_with(
+    cipher: &Cipher,
+    nonce: &[u8],
+    sealed: &[u8],
+    aad: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, AuthError> {
+    open_parts(cipher, nonce, sealed, aad)
 }
 
 fn open_parts(

@@ -127,18 +127,25 @@ impl Token {
         u64::from_be_bytes(self.raw[1..9].try_into().expect("length checked in parse"))
     }
 
+    /// Whether `key` signed this token (its HMAC verifies, compared in
+    /// constant time). Fernet tokens name no key: this is how to tell which
+    /// key a stored token needs, without decrypting it.
+    pub fn signed_by(&self, key: &FernetKey) -> bool {
+        let (signed, tag) = self.raw.split_at(self.raw.len() - MAC_LEN);
+        key.mac(signed).verify_slice(tag).is_ok()
+    }
+
     /// Tries each key in order; returns the index of the key that opened the
     /// token and the plaintext (wiped on drop).
     pub fn decrypt<'k>(
         &self,
         keys: impl IntoIterator<Item = &'k FernetKey>,
     ) -> Result<(usize, Zeroizing<Vec<u8>>), FernetError> {
-        let (signed, tag) = self.raw.split_at(self.raw.len() - MAC_LEN);
+        let signed = &self.raw[..self.raw.len() - MAC_LEN];
         let iv = &signed[9..HEADER_LEN];
         let ct = &signed[HEADER_LEN..];
         for (i, key) in keys.into_iter().enumerate() {
-            // `verify_slice` compares in constant time.
-            if key.mac(signed).verify_slice(tag).is_err() {
+            if !self.signed_by(key) {
                 continue;
             }
             let mut buf = Zeroizing::new(ct.to_vec());
@@ -227,10 +234,13 @@ mod tests {
             let key = FernetKey::parse(s(&v, "secret")).unwrap();
             let (i, pt) = Token::parse(s(&v, "token"))
                 .unwrap()
-                .decrypt(&[key])
+                .decrypt([&key])
                 .unwrap();
             assert_eq!(i, 0);
             assert_eq!(&pt[..], s(&v, "src").as_bytes());
+            let token = Token::parse(s(&v, "token")).unwrap();
+            assert!(token.signed_by(&key));
+            assert!(!token.signed_by(&FernetKey::from_key32(Key32::from_array([5; 32]))));
         }
     }
 

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use manna_crypt_core::aead::Cipher;
 use manna_crypt_core::fernet::FernetKey;
-use manna_crypt_core::keywrap;
+use manna_crypt_core::keywrap::{self, KeyKind, Slot};
 use manna_crypt_core::names::check_keyring_name;
 use manna_crypt_core::secret::Key32;
 use pgrx::pg_sys;
@@ -137,9 +137,10 @@ fn resolve_data_keys_oid() -> McResult<()> {
     Ok(())
 }
 
-fn unwrap_key(key_id: u32, wrapped: &[u8]) -> McResult<Key32> {
+fn unwrap_key(slot: &Slot<'_>, wrapped: &[u8]) -> McResult<Key32> {
     let root = rootkey::effective_root()?;
-    keywrap::unwrap(&root.key, key_id, wrapped).map_err(|_| McError::Unauthenticated {
+    let key_id = slot.key_id;
+    keywrap::unwrap(&root.key, slot, wrapped).map_err(|_| McError::Unauthenticated {
         detail: format!(
             "the stored data key {key_id} does not unwrap under the root key: \
              the key table is corrupt or was altered"
@@ -212,15 +213,43 @@ fn load_key(key_id: u32) -> McResult<KeyEntry> {
             keyring: row.keyring,
         });
     }
-    match (row.status, row.wrapped) {
+    let slot = Slot {
+        key_id,
+        kind: KeyKind::Gcm,
+        keyring: &row.keyring,
+    };
+    match (row.status, &row.wrapped) {
         (Status::Active | Status::DecryptOnly, Some(w)) => Ok(KeyEntry::Usable {
-            cipher: Rc::new(Cipher::new(&unwrap_key(key_id, &w)?)),
+            cipher: Rc::new(Cipher::new(&unwrap_key(&slot, w)?)),
         }),
         (status, _) => Ok(KeyEntry::Unusable {
             keyring: row.keyring,
             status,
         }),
     }
+}
+
+/// A key's material whatever its status (`None` once destroyed, or for an
+/// unknown id), with its kind: for checking which stored values a key still
+/// opens before it is retired. Not cached. Must run as the extension owner.
+pub fn material(key_id: u32) -> McResult<Option<(KeyKind, Key32)>> {
+    let Some(row) = store::key_by_id(key_id)? else {
+        return Ok(None);
+    };
+    let Some(wrapped) = &row.wrapped else {
+        return Ok(None);
+    };
+    let kind = if row.fernet {
+        KeyKind::Fernet
+    } else {
+        KeyKind::Gcm
+    };
+    let slot = Slot {
+        key_id,
+        kind,
+        keyring: &row.keyring,
+    };
+    Ok(Some((kind, unwrap_key(&slot, wrapped)?)))
 }
 
 /// The active key of a GCM keyring: its id and cipher.
@@ -283,21 +312,30 @@ fn load_ring(keyring: &str) -> McResult<RingEntry> {
     let Some(ring) = store::ring_by_name(keyring)? else {
         return Ok(RingEntry::Missing);
     };
+    let slot = |key_id| Slot {
+        key_id,
+        kind: if ring.fernet {
+            KeyKind::Fernet
+        } else {
+            KeyKind::Gcm
+        },
+        keyring,
+    };
     if ring.fernet {
         let mut keys = Vec::with_capacity(ring.keys.len());
         for (id, _, wrapped) in &ring.keys {
-            keys.push((*id, FernetKey::from_key32(unwrap_key(*id, wrapped)?)));
+            keys.push((*id, FernetKey::from_key32(unwrap_key(&slot(*id), wrapped)?)));
         }
         return Ok(RingEntry::Fernet(Rc::new(keys)));
     }
-    match ring
+    let active = ring
         .keys
         .iter()
-        .find(|(_, status, _)| *status == Status::Active)
-    {
+        .find(|(_, status, _)| *status == Status::Active);
+    match active {
         Some((id, _, wrapped)) => Ok(RingEntry::Gcm {
             key_id: *id,
-            cipher: Rc::new(Cipher::new(&unwrap_key(*id, wrapped)?)),
+            cipher: Rc::new(Cipher::new(&unwrap_key(&slot(*id), wrapped)?)),
         }),
         None => Ok(RingEntry::NoActive),
     }

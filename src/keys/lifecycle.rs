@@ -8,6 +8,7 @@
 //! event is recorded exactly when it happens.
 
 use manna_crypt_core::fernet::FernetKey;
+use manna_crypt_core::keywrap::KeyKind;
 use manna_crypt_core::names::check_keyring_name;
 use manna_crypt_core::secret::Key32;
 use pgrx::datum::Interval;
@@ -17,14 +18,14 @@ use serde_json::json;
 use super::cache;
 use super::store::{self, KeyLock, Status};
 use super::usage;
-use super::wrapping::insert_key;
+use super::wrapping::{insert_key, NewVersion};
 use crate::error::{not_null, McError, McResult, OrRaise};
 use crate::pg::security::{caller_name, run_as, Identity};
 use crate::pg::xact::refuse_during_recovery;
 
 /// Runs a key change as the extension owner, after refusing it on a standby.
 /// `f` gets the calling role's name for the audit row.
-fn key_change<T>(what: &std::ffi::CStr, f: impl FnOnce(&str) -> McResult<T>) -> T {
+pub(super) fn key_change<T>(what: &std::ffi::CStr, f: impl FnOnce(&str) -> McResult<T>) -> T {
     refuse_during_recovery(what);
     let role = caller_name();
     run_as(Identity::ExtensionOwner, || f(&role)).or_raise()
@@ -35,10 +36,18 @@ fn key_change<T>(what: &std::ffi::CStr, f: impl FnOnce(&str) -> McResult<T>) -> 
 fn create_keyring(name: Option<&str>, rotation_period: default!(Option<Interval>, "NULL")) -> i32 {
     let name = not_null(name, "name");
     check_keyring_name(name).or_raise();
+    check_period(rotation_period).or_raise();
     key_change(c"manna_crypt.create_keyring()", |role| {
         let id = store::insert_gcm_ring(name, rotation_period, role)?
             .ok_or_else(|| McError::Duplicate(format!("keyring \"{name}\" already exists")))?;
-        let key_id = insert_key(id, 1, Status::Active, &Key32::generate())?;
+        let version = NewVersion {
+            keyring_id: id,
+            keyring: name,
+            kind: KeyKind::Gcm,
+            version: 1,
+            status: Status::Active,
+        };
+        let key_id = insert_key(version, &Key32::generate())?;
         let period = rotation_period.map(|p| p.to_string());
         store::audit(
             role,
@@ -48,6 +57,31 @@ fn create_keyring(name: Option<&str>, rotation_period: default!(Option<Interval>
             json!({ "version": 1, "rotation_period": period }),
         )?;
         Ok(key_id)
+    })
+}
+
+/// The longest rotation period: past it, `coalesce(rotated_at, created_at) +
+/// rotation_period` overflows timestamptz (22008) for every keyring in
+/// `rotate_due()` and `info()`, and a scheduled rotation silently stops.
+const MAX_PERIOD_DAYS: i128 = 100 * 366;
+
+/// A rotation period is positive and at most a century.
+fn check_period(period: Option<Interval>) -> McResult<()> {
+    let Some(p) = period else {
+        return Ok(());
+    };
+    // i128: months and days of an absurd interval overflow i64 microseconds.
+    const DAY: i128 = 86_400_000_000;
+    let micros =
+        i128::from(p.months()) * 30 * DAY + i128::from(p.days()) * DAY + i128::from(p.micros());
+    let (positive, days) = (micros > 0, micros / DAY);
+    if positive && days <= MAX_PERIOD_DAYS {
+        return Ok(());
+    }
+    Err(McError::BadArgument {
+        message: "rotation_period must be positive and at most 100 years".into(),
+        detail: Some(format!("rotation_period is {p}")),
+        hint: None,
     })
 }
 
@@ -65,7 +99,14 @@ fn rotate(name: &str, role: &str, reason: &str) -> McResult<i32> {
     }
     let old = store::retire_active(ring.keyring_id)?;
     let version = store::next_version(ring.keyring_id)?;
-    let key_id = insert_key(ring.keyring_id, version, Status::Active, &Key32::generate())?;
+    let new = NewVersion {
+        keyring_id: ring.keyring_id,
+        keyring: name,
+        kind: KeyKind::Gcm,
+        version,
+        status: Status::Active,
+    };
+    let key_id = insert_key(new, &Key32::generate())?;
     store::mark_rotated(ring.keyring_id)?;
     store::audit(
         role,
@@ -80,7 +121,8 @@ fn rotate(name: &str, role: &str, reason: &str) -> McResult<i32> {
 /// Makes a new version the active one; the previous active version stays
 /// readable (`decrypt_only`). Returns the new key id.
 #[pg_extern(volatile, parallel_unsafe)]
-fn rotate_keyring(name: &str) -> i32 {
+fn rotate_keyring(name: Option<&str>) -> i32 {
+    let name = not_null(name, "name");
     key_change(c"manna_crypt.rotate_keyring()", |role| {
         rotate(name, role, "manual")
     })
@@ -103,6 +145,7 @@ fn rotate_due() -> TableIterator<'static, (name!(keyring, String), name!(key_id,
 #[pg_extern(volatile, parallel_unsafe)]
 fn set_rotation_period(keyring: Option<&str>, rotation_period: Option<Interval>) {
     let keyring = not_null(keyring, "keyring");
+    check_period(rotation_period).or_raise();
     key_change(c"manna_crypt.set_rotation_period()", |role| {
         let ring = store::lock_ring(keyring)?;
         store::set_period(ring.keyring_id, rotation_period)?;
@@ -141,8 +184,8 @@ fn refuse_if_in_use(key_id: i32, action: &str, force: bool) -> McResult<()> {
 }
 
 /// Retires a key (revoke or destroy): refused on a standby, and while
-/// registered columns still use it unless forced. The usage count runs as
-/// the caller (see usage::key_usage), before the switch to the owner; then
+/// columns still hold values under it unless forced (see usage::key_usage:
+/// the count locks those tables against writers until commit); then
 /// `change` gets the role and the key, its row locked.
 fn retire(
     what: &std::ffi::CStr,
@@ -159,7 +202,8 @@ fn retire(
 /// Revokes a key: it can no longer encrypt or decrypt. Every session sees
 /// this by its next transaction.
 #[pg_extern(volatile, parallel_unsafe)]
-fn revoke_key(key_id: i32, force: default!(bool, false)) {
+fn revoke_key(key_id: Option<i32>, force: default!(Option<bool>, false)) {
+    let (key_id, force) = (not_null(key_id, "key_id"), not_null(force, "force"));
     retire(
         c"manna_crypt.revoke_key()",
         key_id,
@@ -194,7 +238,8 @@ fn revoke_key(key_id: i32, force: default!(bool, false)) {
 
 /// Undoes a revocation: the key becomes `decrypt_only` again.
 #[pg_extern(volatile, parallel_unsafe)]
-fn reinstate_key(key_id: i32) {
+fn reinstate_key(key_id: Option<i32>) {
+    let key_id = not_null(key_id, "key_id");
     key_change(c"manna_crypt.reinstate_key()", |role| {
         let key = store::lock_key(key_id)?;
         if key.status != Status::Revoked {
@@ -217,7 +262,8 @@ fn reinstate_key(key_id: i32) {
 
 /// Crypto-shredding: wipes a revoked key's wrapped material. Irreversible.
 #[pg_extern(volatile, parallel_unsafe)]
-fn destroy_key(key_id: i32, force: default!(bool, false)) {
+fn destroy_key(key_id: Option<i32>, force: default!(Option<bool>, false)) {
+    let (key_id, force) = (not_null(key_id, "key_id"), not_null(force, "force"));
     retire(
         c"manna_crypt.destroy_key()",
         key_id,
@@ -257,7 +303,9 @@ fn destroy_key(key_id: i32, force: default!(bool, false)) {
 /// keyring, creating the keyring if needed. Returns the key id. Keys are
 /// tried newest first when reading tokens.
 #[pg_extern(volatile, parallel_unsafe)]
-fn import_fernet_key(keyring: &str, fernet_key: &str) -> i32 {
+fn import_fernet_key(keyring: Option<&str>, fernet_key: Option<&str>) -> i32 {
+    let keyring = not_null(keyring, "keyring");
+    let fernet_key = not_null(fernet_key, "fernet_key");
     check_keyring_name(keyring).or_raise();
     let key = FernetKey::parse(fernet_key)
         .ok_or_else(|| McError::BadArgument {
@@ -271,7 +319,7 @@ fn import_fernet_key(keyring: &str, fernet_key: &str) -> i32 {
     })
 }
 
-fn import_fernet(keyring: &str, key: &FernetKey, role: &str) -> McResult<i32> {
+pub(super) fn import_fernet(keyring: &str, key: &FernetKey, role: &str) -> McResult<i32> {
     store::ensure_fernet_ring(keyring, role)?;
     let ring = store::lock_ring(keyring)?;
     if !ring.fernet {
@@ -290,12 +338,14 @@ fn import_fernet(keyring: &str, key: &FernetKey, role: &str) -> McResult<i32> {
         }
     }
     let version = store::next_version(ring.keyring_id)?;
-    let key_id = insert_key(
-        ring.keyring_id,
+    let new = NewVersion {
+        keyring_id: ring.keyring_id,
+        keyring,
+        kind: KeyKind::Fernet,
         version,
-        Status::DecryptOnly,
-        key.as_key32(),
-    )?;
+        status: Status::DecryptOnly,
+    };
+    let key_id = insert_key(new, key.as_key32())?;
     store::audit(
         role,
         "import_fernet_key",

@@ -11,15 +11,19 @@
 //! - [`usage`]: registered columns and how many values a key still protects;
 //! - [`wrapping`]: wrapping new data keys, and `rewrap_keys()`;
 //! - [`lifecycle`]: create, rotate, revoke, reinstate, destroy, import;
+//! - [`secret_file`]: reading a secret from a strictly owned server file;
+//! - [`import`]: Fernet keys imported from a server file (no SQL text);
 //! - [`info`]: the `info()` overview.
 //!
 //! Nothing here knows about re-encryption or locking, which sit above.
 
 pub mod cache;
+pub mod import;
 pub mod info;
 pub mod lifecycle;
 pub mod root_source;
 pub mod rootkey;
+pub mod secret_file;
 pub mod store;
 pub mod usage;
 pub mod wrapping;

@@ -6,10 +6,25 @@
 //! Reads that serve the key cache use the read-only SPI path (they run in
 //! parallel workers and on standbys); everything a lifecycle function reads
 //! while it writes uses the read-write path, so it sees its own writes.
+//!
+//! No key material — wrapped keys and check values included — ever appears
+//! in a statement's text or parameters: `auto_explain` with
+//! `log_nested_statements` and `log_verbose` prints a one-shot plan's
+//! constants (parameters are folded into them), and on 16+ its `Query
+//! Parameters:` too. So such a value is staged in backend memory and the
+//! statement reads it with `manna_crypt._staged_secret()`, a volatile
+//! function that is never folded into a plan: the log shows the call, never
+//! the value.
+
+use std::cell::RefCell;
 
 use pgrx::datum::Interval;
 use pgrx::pg_sys;
+use pgrx::prelude::*;
 use pgrx::JsonB;
+use zeroize::Zeroizing;
+
+use manna_crypt_core::names::check_keyring_name;
 
 use crate::error::{McError, McResult};
 use crate::pg::spi::{self, Mode};
@@ -145,22 +160,56 @@ pub fn ring_key_ids(name: &str) -> McResult<Vec<u32>> {
 
 // ---- lifecycle (read-write) ----------------------------------------------
 
+thread_local! {
+    static STAGED: RefCell<Option<Zeroizing<Vec<u8>>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `secret` staged for `_staged_secret()`; the stage is empty
+/// again afterwards, whatever happened.
+fn with_staged<T>(secret: &[u8], f: impl FnOnce() -> McResult<T>) -> McResult<T> {
+    struct Unstage;
+    impl Drop for Unstage {
+        fn drop(&mut self) {
+            STAGED.with(|s| s.borrow_mut().take());
+        }
+    }
+    STAGED.with(|s| *s.borrow_mut() = Some(Zeroizing::new(secret.to_vec())));
+    let _unstage = Unstage;
+    f()
+}
+
+/// The value staged for the statement being run (taken: a second read in
+/// the same statement, or a call from anywhere else, is refused).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _staged_secret() -> Vec<u8> {
+    match STAGED.with(|s| s.borrow_mut().take()) {
+        Some(v) => v.to_vec(),
+        None => McError::PermissionDenied {
+            message: "manna_crypt._staged_secret() is internal to manna_crypt".into(),
+            hint: "it serves manna_crypt's own statements on its key tables".into(),
+        }
+        .raise(),
+    }
+}
+
 const INSERT_CHECK: &str = "\
-    INSERT INTO manna_crypt.root_key_check (check_value, fingerprint) VALUES ($1, $2) \
+    INSERT INTO manna_crypt.root_key_check (check_value, fingerprint) \
+    VALUES (manna_crypt._staged_secret(), $1) \
     ON CONFLICT DO NOTHING";
 
 const LOCK_CHECK: &str = "\
     SELECT check_value, fingerprint FROM manna_crypt.root_key_check FOR SHARE";
 
 const REPLACE_CHECK: &str = "\
-    UPDATE manna_crypt.root_key_check SET check_value = $1, fingerprint = $2, created_at = now()";
+    UPDATE manna_crypt.root_key_check \
+       SET check_value = manna_crypt._staged_secret(), fingerprint = $1, created_at = now()";
 
 const NEXT_KEY_ID: &str = "SELECT nextval('manna_crypt.key_id_seq')::int4";
 
 const INSERT_KEY: &str = "\
     INSERT INTO manna_crypt.data_keys \
            (key_id, keyring_id, version, status, wrapped, root_fingerprint) \
-    VALUES ($1, $2, $3, $4, $5, $6)";
+    VALUES ($1, $2, $3, $4, manna_crypt._staged_secret(), $5)";
 
 const INSERT_GCM_RING: &str = "\
     INSERT INTO manna_crypt.keyrings (name, kind, rotation_period, created_by) \
@@ -208,11 +257,13 @@ const SHRED: &str = "\
 
 // `Write`, not `Read`: a read-only statement cannot lock rows.
 const LOCK_ALL_WRAPPED: &str = "\
-    SELECT key_id, wrapped FROM manna_crypt.data_keys WHERE wrapped IS NOT NULL \
-     ORDER BY key_id FOR UPDATE";
+    SELECT k.key_id, r.name, r.kind = 'fernet', k.wrapped \
+      FROM manna_crypt.data_keys k JOIN manna_crypt.keyrings r USING (keyring_id) \
+     WHERE k.wrapped IS NOT NULL ORDER BY k.key_id FOR UPDATE OF k";
 
 const SET_WRAPPED: &str = "\
-    UPDATE manna_crypt.data_keys SET wrapped = $2, root_fingerprint = $3 WHERE key_id = $1";
+    UPDATE manna_crypt.data_keys \
+       SET wrapped = manna_crypt._staged_secret(), root_fingerprint = $2 WHERE key_id = $1";
 
 const AUDIT: &str = "\
     INSERT INTO manna_crypt.audit_log (role_name, event, keyring, key_id, detail) \
@@ -220,7 +271,9 @@ const AUDIT: &str = "\
 
 /// Stores the check value unless one is stored already.
 pub fn insert_check(check_value: &[u8], fingerprint: &str) -> McResult<()> {
-    spi::run(INSERT_CHECK, &[check_value.into(), fingerprint.into()])
+    with_staged(check_value, || {
+        spi::run(INSERT_CHECK, &[fingerprint.into()])
+    })
 }
 
 /// The stored check value, share-locked until commit.
@@ -230,7 +283,9 @@ pub fn lock_check() -> McResult<Option<StoredCheck>> {
 }
 
 pub fn replace_check(check_value: &[u8], fingerprint: &str) -> McResult<()> {
-    spi::run(REPLACE_CHECK, &[check_value.into(), fingerprint.into()])
+    with_staged(check_value, || {
+        spi::run(REPLACE_CHECK, &[fingerprint.into()])
+    })
 }
 
 pub fn next_key_id() -> McResult<i32> {
@@ -248,17 +303,14 @@ pub struct NewKey<'a> {
 }
 
 pub fn insert_key(k: NewKey<'_>) -> McResult<()> {
-    spi::run(
-        INSERT_KEY,
-        &[
-            k.key_id.into(),
-            k.keyring_id.into(),
-            k.version.into(),
-            k.status.as_str().into(),
-            k.wrapped.into(),
-            k.root_fingerprint.into(),
-        ],
-    )
+    let args = [
+        k.key_id.into(),
+        k.keyring_id.into(),
+        k.version.into(),
+        k.status.as_str().into(),
+        k.root_fingerprint.into(),
+    ];
+    with_staged(&k.wrapped, || spi::run(INSERT_KEY, &args))
 }
 
 /// The new keyring's id, or `None` when the name is taken.
@@ -286,6 +338,8 @@ pub struct RingLock {
 }
 
 pub fn lock_ring(name: &str) -> McResult<RingLock> {
+    // An invalid name is 22023, never echoed back as an unknown keyring.
+    check_keyring_name(name)?;
     spi::rows(Mode::Write, LOCK_RING, &[name.into()], |r| {
         Ok(RingLock {
             keyring_id: r.req(1)?,
@@ -346,18 +400,29 @@ pub fn shred(key_id: i32) -> McResult<()> {
     spi::run(SHRED, &[key_id.into()])
 }
 
+/// A stored wrapped key with what its wrap is bound to.
+pub struct WrappedRow {
+    pub key_id: i32,
+    pub keyring: String,
+    pub fernet: bool,
+    pub wrapped: Vec<u8>,
+}
+
 /// Every wrapped key, locked until commit.
-pub fn lock_all_wrapped() -> McResult<Vec<(i32, Vec<u8>)>> {
+pub fn lock_all_wrapped() -> McResult<Vec<WrappedRow>> {
     spi::rows(Mode::Write, LOCK_ALL_WRAPPED, &[], |r| {
-        Ok((r.req(1)?, r.req(2)?))
+        Ok(WrappedRow {
+            key_id: r.req(1)?,
+            keyring: r.req(2)?,
+            fernet: r.req(3)?,
+            wrapped: r.req(4)?,
+        })
     })
 }
 
-pub fn set_wrapped(key_id: i32, wrapped: Vec<u8>, root_fingerprint: &str) -> McResult<()> {
-    spi::run(
-        SET_WRAPPED,
-        &[key_id.into(), wrapped.into(), root_fingerprint.into()],
-    )
+pub fn set_wrapped(key_id: i32, wrapped: &[u8], root_fingerprint: &str) -> McResult<()> {
+    let args = [key_id.into(), root_fingerprint.into()];
+    with_staged(wrapped, || spi::run(SET_WRAPPED, &args))
 }
 
 /// Appends to the audit log, in the caller's transaction.

@@ -1,5 +1,6 @@
 //! Data keys under the root key: wrapping a new key, and re-wrapping every
-//! key under a new root key (`rewrap_keys()`, root-key rotation).
+//! key under a new root key (`rewrap_keys()`, root-key rotation; it also
+//! rewrites 0.1.0's version-1 wraps in the current format).
 //!
 //! The two are ordered by the `root_key_check` row: creating a key holds a
 //! share lock on it until commit, and `rewrap_keys()` updates it before it
@@ -9,7 +10,7 @@
 
 use std::rc::Rc;
 
-use manna_crypt_core::keywrap;
+use manna_crypt_core::keywrap::{self, KeyKind, Slot};
 use manna_crypt_core::nonce::NonceSource;
 use manna_crypt_core::secret::Key32;
 use pgrx::prelude::*;
@@ -40,17 +41,31 @@ fn root_for_new_keys() -> McResult<Rc<RootKey>> {
     }
 }
 
+/// A new version of a keyring.
+pub struct NewVersion<'a> {
+    pub keyring_id: i32,
+    pub keyring: &'a str,
+    pub kind: KeyKind,
+    pub version: i32,
+    pub status: Status,
+}
+
 /// Wraps and stores `key` as a new version of a keyring. Returns its key id.
 /// Must run as the extension owner.
-pub fn insert_key(keyring_id: i32, version: i32, status: Status, key: &Key32) -> McResult<i32> {
+pub fn insert_key(v: NewVersion<'_>, key: &Key32) -> McResult<i32> {
     let root = root_for_new_keys()?;
     let key_id = store::next_key_id()?;
-    let wrapped = keywrap::wrap(&root.key, key_id as u32, key, &mut NonceSource::new());
+    let slot = Slot {
+        key_id: key_id as u32,
+        kind: v.kind,
+        keyring: v.keyring,
+    };
+    let wrapped = keywrap::wrap(&root.key, &slot, key, &mut NonceSource::new());
     store::insert_key(NewKey {
         key_id,
-        keyring_id,
-        version,
-        status,
+        keyring_id: v.keyring_id,
+        version: v.version,
+        status: v.status,
         wrapped,
         root_fingerprint: &root.fingerprint,
     })?;
@@ -70,29 +85,48 @@ fn rewrap_keys() -> i32 {
 fn rewrap_all(role: &str) -> McResult<i32> {
     let current = rootkey::current()?;
     let from = rootkey::effective_root()?;
-    if from.fingerprint == current.fingerprint {
+    let root_changes = from.fingerprint != current.fingerprint;
+    if root_changes {
+        // The check value first: this row lock orders us after any
+        // transaction that is creating a key (see root_for_new_keys), so
+        // the select below sees its key.
+        store::replace_check(&keywrap::check_value(&current.key), &current.fingerprint)?;
+    }
+    // Under an unchanged root key, only 0.1.0's version-1 wraps are
+    // rewritten, in the current format that binds keyring and kind.
+    let rows: Vec<_> = store::lock_all_wrapped()?
+        .into_iter()
+        .filter(|r| root_changes || !keywrap::is_current(&r.wrapped))
+        .collect();
+    if rows.is_empty() {
         notice!(
             "all data keys are already wrapped under the current root key ({})",
             current.fingerprint
         );
         return Ok(0);
     }
-    // The check value first: this row lock orders us after any transaction
-    // that is creating a key (see root_for_new_keys), so the select below
-    // sees its key.
-    store::replace_check(&keywrap::check_value(&current.key), &current.fingerprint)?;
-    let rows = store::lock_all_wrapped()?;
     let mut nonces = NonceSource::new();
-    for (key_id, wrapped) in &rows {
-        let key = keywrap::unwrap(&from.key, *key_id as u32, wrapped).map_err(|_| {
+    for row in &rows {
+        let slot = Slot {
+            key_id: row.key_id as u32,
+            kind: if row.fernet {
+                KeyKind::Fernet
+            } else {
+                KeyKind::Gcm
+            },
+            keyring: &row.keyring,
+        };
+        let key = keywrap::unwrap(&from.key, &slot, &row.wrapped).map_err(|_| {
             McError::Unauthenticated {
                 detail: format!(
-                    "the stored data key {key_id} does not unwrap under the previous root key"
+                    "the stored data key {} does not unwrap under the {} root key",
+                    row.key_id,
+                    if root_changes { "previous" } else { "current" }
                 ),
             }
         })?;
-        let rewrapped = keywrap::wrap(&current.key, *key_id as u32, &key, &mut nonces);
-        store::set_wrapped(*key_id, rewrapped, &current.fingerprint)?;
+        let rewrapped = keywrap::wrap(&current.key, &slot, &key, &mut nonces);
+        store::set_wrapped(row.key_id, &rewrapped, &current.fingerprint)?;
     }
     store::audit(
         role,

@@ -165,20 +165,21 @@ fn lock_session(name: Option<&str>, timeout: default!(Option<Interval>, "NULL"))
 
 /// Takes the named lock until the end of the transaction if it is free.
 #[pg_extern(volatile, parallel_unsafe)]
-fn try_lock_xact(name: &str) -> bool {
-    try_acquire(name, Scope::Transaction)
+fn try_lock_xact(name: Option<&str>) -> bool {
+    try_acquire(not_null(name, "lock name"), Scope::Transaction)
 }
 
 /// Takes the named session lock if it is free.
 #[pg_extern(volatile, parallel_unsafe)]
-fn try_lock_session(name: &str) -> bool {
-    try_acquire(name, Scope::Session)
+fn try_lock_session(name: Option<&str>) -> bool {
+    try_acquire(not_null(name, "lock name"), Scope::Session)
 }
 
 /// Releases one hold of a named session lock; false (with a WARNING from
 /// PostgreSQL) if this session did not hold it.
 #[pg_extern(volatile, parallel_unsafe)]
-fn unlock(name: &str) -> bool {
+fn unlock(name: Option<&str>) -> bool {
+    let name = not_null(name, "lock name");
     check(name);
     call_bool(UNLOCK, key_for(name)).or_raise()
 }
@@ -190,7 +191,8 @@ pub fn held_by_me(name: &str) -> McResult<bool> {
 
 /// The process id of a session holding the named lock, or NULL.
 #[pg_extern(volatile, parallel_unsafe)]
-fn lock_holder(name: &str) -> Option<i32> {
+fn lock_holder(name: Option<&str>) -> Option<i32> {
+    let name = not_null(name, "lock name");
     check(name);
     holder(name).or_raise()
 }

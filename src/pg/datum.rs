@@ -6,7 +6,7 @@
 //!   into a PostgreSQL datum and then wipe the Rust buffer. (The datum itself
 //!   is PostgreSQL's to manage, as with any value a query returns.)
 
-use pgrx::callconv::{BoxRet, FcInfo};
+use pgrx::callconv::{Arg, ArgAbi, BoxRet, FcInfo};
 use pgrx::datum::Datum;
 use pgrx::prelude::*;
 use zeroize::Zeroizing;
@@ -70,5 +70,45 @@ unsafe impl BoxRet for SecretBytes {
             Some(d) => unsafe { fcinfo.return_raw_datum(d) },
             None => fcinfo.return_null(),
         }
+    }
+}
+
+/// A `regclass` argument as a plain OID. pgrx's `PgRelation` opens and locks
+/// the relation while it converts the argument, so an OID of a dropped table
+/// (`CALL encrypt_column(16384, ...)`) failed with XX000 "could not open
+/// relation" before our code could say 42P01. The SQL type stays `regclass`
+/// and the datum is the same OID, so existing catalogs call it unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Regclass(pub pg_sys::Oid);
+
+impl_sql_translatable!(Regclass, "regclass");
+
+impl FromDatum for Regclass {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _typoid: pg_sys::Oid,
+    ) -> Option<Self> {
+        // SAFETY: a regclass datum is an OID passed by value.
+        (!is_null)
+            .then(|| Regclass(unsafe { pg_sys::Oid::from_datum(datum, false) }.unwrap_or_default()))
+    }
+}
+
+impl IntoDatum for Regclass {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(pg_sys::Datum::from(self.0))
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::REGCLASSOID
+    }
+}
+
+// SAFETY: unboxes through `FromDatum` above, as pgrx does for `pg_sys::Oid`.
+unsafe impl<'fcx> ArgAbi<'fcx> for Regclass {
+    unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+        // SAFETY: the caller guarantees a non-null regclass argument.
+        unsafe { arg.unbox_arg_using_from_datum() }.unwrap_or(Regclass(pg_sys::InvalidOid))
     }
 }

@@ -5,12 +5,16 @@
 //! - [`security`]: whose rights work runs with (extension owner, table
 //!   owner in a security-restricted operation, or the caller);
 //! - [`guc`]: function-local settings;
+//! - [`locks`]: releasing an advisory lock where SQL is not allowed;
+//! - [`subxact`]: work in a subtransaction, rolled back on a row's error;
 //! - [`xact`]: transaction-state checks (standby, transaction block);
 //! - [`datum`]: return types pgrx does not provide (the domain, wiped
 //!   plaintext buffers).
 
 pub mod datum;
 pub mod guc;
+pub mod locks;
 pub mod security;
 pub mod spi;
+pub mod subxact;
 pub mod xact;

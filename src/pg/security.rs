@@ -18,9 +18,12 @@
 //!   by the caller's own privileges (reading a user's table).
 //!
 //! Every switch also fixes `search_path = pg_catalog, pg_temp`, so no object
-//! of another role is found by an unqualified name, and is undone when the
-//! closure returns; on an ERROR the (sub)transaction abort restores the user
-//! and settings itself, exactly as for a SECURITY DEFINER function.
+//! of another role is found by an unqualified name, and `row_security = off`,
+//! so a query that row-level security would filter fails instead of silently
+//! seeing fewer rows (a superuser bypasses RLS anyway, and no policy function
+//! runs); it is undone when the closure returns. On an ERROR the
+//! (sub)transaction abort restores the user and settings itself, exactly as
+//! for a SECURITY DEFINER function.
 
 use std::cell::Cell;
 use std::ffi::CStr;
@@ -35,9 +38,6 @@ use crate::error::{McError, McResult};
 pub enum Identity {
     ExtensionOwner,
     /// The owner of this table, in a security-restricted operation.
-    // Its first caller is the re-encryption engine of 0.2.0; until then
-    // only the backend tests use it.
-    #[cfg_attr(not(feature = "pg_test"), allow(dead_code))]
     TableOwner(pg_sys::Oid),
     Caller,
 }
@@ -124,7 +124,8 @@ impl Drop for Restore {
     }
 }
 
-/// Runs `f` with the rights of `who` and `search_path = pg_catalog, pg_temp`.
+/// Runs `f` with the rights of `who`, `search_path = pg_catalog, pg_temp`
+/// and `row_security = off`.
 pub fn run_as<T>(who: Identity, f: impl FnOnce() -> McResult<T>) -> McResult<T> {
     let (user, sec_context) = current();
     let (target, context) = match who {
@@ -153,6 +154,7 @@ pub fn run_as<T>(who: Identity, f: impl FnOnce() -> McResult<T>) -> McResult<T> 
     restore
         ._settings
         .set(c"search_path", c"pg_catalog, pg_temp");
+    restore._settings.set(c"row_security", c"off");
     let result = f();
     drop(restore);
     result

@@ -20,6 +20,13 @@
 //!
 //! [`Mode::Write`] is for statements that write or lock rows.
 //!
+//! Every statement runs with `search_path = pg_catalog, pg_temp`, whoever
+//! calls: an unqualified operator or function in our SQL (`extname =
+//! 'manna_crypt'` is `name = unknown`) would otherwise resolve through the
+//! caller's path, where a user's exact-type operator in `public` beats
+//! pg_catalog's and runs with the caller's rights. Tables are named
+//! schema-qualified.
+//!
 //! Results are copied into owned Rust values before the SPI connection
 //! closes: nothing returned here points into SPI's memory.
 
@@ -29,6 +36,7 @@ use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use super::guc::GucNest;
 use crate::error::{McError, McResult};
 
 /// An argument of a statement: `value.into()` for any SQL-convertible value.
@@ -125,9 +133,11 @@ fn execute<T>(
         .iter()
         .map(|a| if a.datum().is_some() { b' ' } else { b'n' } as std::ffi::c_char)
         .collect();
+    let settings = GucNest::new();
+    settings.set(c"search_path", c"pg_catalog, pg_temp");
     // pgrx's connection guard: SPI_connect now, SPI_finish when the closure
     // returns (on an ERROR, transaction abort cleans up SPI as always).
-    Spi::connect(|_client| {
+    let result = Spi::connect(|_client| {
         // SAFETY: the argument arrays have `args.len()` elements and outlive
         // the call; SPI_tuptable is read right after the statement that set
         // it, on this connection.
@@ -162,7 +172,9 @@ fn execute<T>(
             }
             Ok((processed, out))
         }
-    })
+    });
+    drop(settings);
+    result
 }
 
 /// The first column of the first row, `None` when there is no row or it is NULL.

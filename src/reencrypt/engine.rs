@@ -30,27 +30,121 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::time::Instant;
 
+use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::PgRelation;
 
-use super::batch::run_batch;
+use super::batch::{self, run_batch, BatchResult};
 use super::convert::{target_form_sql, Keys, Mode};
 use super::progress::{self, Request};
-use super::run::{Counts, Run};
+use super::run::{Counts, RowMode, Run};
 use super::target;
 use crate::error::{not_null, McError, McResult, OrRaise};
 use crate::keys::{cache, usage};
 use crate::locking::advisory;
+use crate::pg::datum::Regclass;
 use crate::pg::security::{run_as, Identity};
 use crate::pg::spi::{self, Mode as Access};
 use crate::pg::xact::in_transaction_block;
 
 pub const MAX_PASSES: i32 = 3;
 const MAX_BATCH: i32 = 100_000;
+/// Rows retried per transaction after a batch statement failed: each
+/// committed subtransaction keeps its transaction id until the top
+/// transaction ends, and past 64 per backend every snapshot in the server
+/// gets slower.
+const ROWS_PER_STEP: usize = 50;
 
 thread_local! {
     static RUNS: RefCell<HashMap<i64, Run>> = RefCell::new(HashMap::new());
     static NEXT_DRY_HANDLE: Cell<i64> = const { Cell::new(-1) };
+    /// Run locks this session holds, with the transaction nesting level they
+    /// were taken at: released by the abort callbacks.
+    static LOCKS: RefCell<Vec<(String, i32)>> = const { RefCell::new(Vec::new()) };
+    static CALLBACKS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// A run that errors, is cancelled or is killed must not keep the run lock:
+/// behind a pooled connection the session lives on, and every other session
+/// would get 55P03 until it disconnects. At transaction abort (or the abort
+/// of the subtransaction that took the lock) the lock is released without
+/// SQL, and this backend's run state is dropped; the next run, from any
+/// session, resumes from `reencrypt_runs`.
+#[pg_guard]
+unsafe extern "C-unwind" fn on_xact(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    use pg_sys::XactEvent::*;
+    if matches!(event, XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT) {
+        release_locks(0);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_subxact(
+    event: pg_sys::SubXactEvent::Type,
+    _mysubid: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB {
+        // SAFETY: reads the current nesting level.
+        release_locks(unsafe { pg_sys::GetCurrentTransactionNestLevel() });
+    }
+}
+
+/// Releases the run locks taken at nesting level `level` or deeper (all of
+/// them for 0) and forgets the runs; no SQL, so it may run during abort.
+fn release_locks(level: i32) {
+    let released: Vec<String> = LOCKS.with(|l| {
+        let mut l = l.borrow_mut();
+        let (gone, kept) = l.drain(..).partition(|(_, at)| *at >= level);
+        *l = kept;
+        gone.into_iter().map(|(name, _)| name).collect::<Vec<_>>()
+    });
+    if released.is_empty() && level > 0 {
+        return;
+    }
+    for name in &released {
+        crate::pg::locks::release_session_advisory(advisory::key_for(name));
+    }
+    RUNS.with(|r| {
+        r.borrow_mut()
+            .retain(|_, run| !released.contains(&run.lock_name))
+    });
+    if level == 0 {
+        RUNS.with(|r| r.borrow_mut().clear());
+    }
+    batch::forget();
+}
+
+fn register_callbacks() {
+    if CALLBACKS.with(|c| c.replace(true)) {
+        return;
+    }
+    // SAFETY: function pointers that live as long as the library (never
+    // unloaded).
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(on_xact), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(on_subxact), std::ptr::null_mut());
+    }
+}
+
+const EXTVERSION: &str =
+    "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'manna_crypt'";
+
+/// The batch statements call this library's functions by their current
+/// signatures: a catalog that is not updated yet gets a clear error.
+fn check_catalog_version() -> McResult<()> {
+    let version = spi::one::<String>(Access::Read, EXTVERSION, &[])?.unwrap_or_default();
+    if version == env!("CARGO_PKG_VERSION") {
+        return Ok(());
+    }
+    Err(McError::WrongState {
+        message: "re-encryption needs the extension updated to this library's version".into(),
+        detail: Some(format!(
+            "the library is {}, the database's extension is {version}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        hint: Some("ALTER EXTENSION manna_crypt UPDATE".into()),
+    })
 }
 
 /// Checks what can be checked before any lock or write.
@@ -75,7 +169,13 @@ fn check_request(mode: &Mode, batch_size: i32) -> McResult<()> {
 
 /// Takes the run lock of (table, column), unless this session has it.
 fn lock_run(lock_name: &str, tbl_sql: &str, col: &str) -> McResult<()> {
-    if advisory::held_by_me(lock_name)? || advisory::try_lock(lock_name) {
+    if advisory::held_by_me(lock_name)? {
+        return Ok(());
+    }
+    if advisory::try_lock(lock_name) {
+        // SAFETY: reads the current nesting level.
+        let level = unsafe { pg_sys::GetCurrentTransactionNestLevel() };
+        LOCKS.with(|l| l.borrow_mut().push((lock_name.to_owned(), level)));
         return Ok(());
     }
     let holder = advisory::holder(lock_name)?;
@@ -90,17 +190,24 @@ fn lock_run(lock_name: &str, tbl_sql: &str, col: &str) -> McResult<()> {
 
 fn start(
     mode: Mode,
-    tbl: PgRelation,
+    oid: pg_sys::Oid,
     col: &str,
     batch_size: i32,
     aad_column: Option<&str>,
     dry_run: bool,
 ) -> McResult<i64> {
     check_request(&mode, batch_size)?;
-    let oid = tbl.oid();
+    check_catalog_version()?;
+    register_callbacks();
+    target::check_table(oid)?;
     let col_sql = target::text_column(oid, col)?;
-    let aad_sql = aad_column.map(|a| target::aad_column(oid, a)).transpose()?;
+    let aad_sql = aad_column
+        .map(|a| target::aad_column(oid, a, col))
+        .transpose()?;
     let tbl_sql = target::table_sql(oid)?;
+    // As the caller, before anything runs as the table's owner or is
+    // written (the registry among it).
+    target::check_privileges(oid, col, aad_column)?;
     // Fail fast on keyring problems, before taking locks or writing anything.
     if let Some(source) = mode.source() {
         cache::fernet_keys(source)?;
@@ -155,6 +262,7 @@ fn start(
         started: Instant::now(),
         scanned_this_call: 0,
         lock_name,
+        row_mode: None,
     };
     RUNS.with(|r| r.borrow_mut().insert(begin.id, run));
     Ok(begin.id)
@@ -174,24 +282,71 @@ fn step(handle: i64) -> McResult<bool> {
 }
 
 fn step_run(run: &mut Run) -> McResult<bool> {
+    if run.row_mode.is_some() {
+        return step_rows(run);
+    }
     if run.next_block >= run.pass_end_block {
         return next_pass(run);
     }
     let first = run.next_block;
     let end = (first + run.blocks_per_batch).min(run.pass_end_block);
-    let batch = run_batch(run, first, end, Keys::fetch(&run.mode)?)?;
+    match run_batch(run, first, end, Keys::fetch(&run.mode)?)? {
+        Ok(batch) => {
+            run.next_block = end;
+            account(run, batch)?;
+        }
+        Err(failed) => {
+            // One row (or more) cannot be written: retry these blocks row
+            // by row, a few rows per transaction, from the next step on.
+            notice!(
+                "{} {}.{}: a batch failed ({}); retrying its rows one by one",
+                run.mode.name(),
+                run.tbl_sql,
+                run.col,
+                failed.message.chars().take(120).collect::<String>()
+            );
+            let rows = batch::candidates(run, first, end)?;
+            run.row_mode = Some(RowMode {
+                end_block: end,
+                rows,
+                done: 0,
+            });
+        }
+    }
+    Ok(true)
+}
+
+/// The next few rows of a batch that failed as a whole.
+fn step_rows(run: &mut Run) -> McResult<bool> {
+    let Some(mut rows) = run.row_mode.take() else {
+        return Ok(true);
+    };
+    let upto = (rows.done + ROWS_PER_STEP).min(rows.rows.len());
+    let mode = run.mode.clone();
+    let result = batch::run_rows(run, &rows.rows[rows.done..upto], || Keys::fetch(&mode))?;
+    rows.done = upto;
+    if rows.done >= rows.rows.len() {
+        run.next_block = rows.end_block;
+    } else {
+        run.row_mode = Some(rows);
+    }
+    account(run, result)?;
+    Ok(true)
+}
+
+/// Adds what a batch did to the run, records it, and says so.
+fn account(run: &mut Run, batch: BatchResult) -> McResult<()> {
     run.pass_counts.scanned += batch.counts.scanned;
     run.pass_counts.failed += batch.counts.failed;
     run.pass_counts.other_keyring += batch.counts.other_keyring;
     run.pass_counts.converted += batch.written;
     run.converted_total += batch.written;
     run.scanned_this_call += batch.counts.scanned;
-    run.next_block = end;
     if !run.dry_run {
         progress::save(run, &batch.failures)?;
     }
     progress::notice_batch(run);
-    Ok(true)
+    Ok(())
 }
 
 /// At the end of a pass: start a re-check pass if this one converted
@@ -222,7 +377,9 @@ fn finish(handle: i64) -> McResult<()> {
         .replace("{col}", &run.col_sql)
         .replace("{tbl}", &run.tbl_sql)
         .replace("{done}", &target_form_sql(&run.mode, &run.col_sql, active));
-    let counts = spi::rows(Access::Read, &sql, &[], |r| Ok((r.req(1)?, r.req(2)?)))?;
+    let counts = run_as(Identity::TableOwner(run.oid), || {
+        spi::rows(Access::Read, &sql, &[], |r| Ok((r.req(1)?, r.req(2)?)))
+    })?;
     (c.nulls, c.already) = counts.first().copied().unwrap_or((0, 0));
     if !run.dry_run {
         // A re-check pass skips values that are already mc1-shaped, so its
@@ -234,6 +391,7 @@ fn finish(handle: i64) -> McResult<()> {
         progress::close(&run, &c, seconds)?;
     }
     advisory::unlock_all(&run.lock_name)?;
+    LOCKS.with(|l| l.borrow_mut().retain(|(name, _)| *name != run.lock_name));
     progress::notice_finish(&run, &c, seconds);
     Ok(())
 }
@@ -242,7 +400,7 @@ fn finish(handle: i64) -> McResult<()> {
 #[pg_extern(volatile, parallel_unsafe)]
 fn _reencrypt_start(
     mode: Option<&str>,
-    tbl: Option<PgRelation>,
+    tbl: Option<Regclass>,
     col: Option<&str>,
     source_keyring: Option<&str>,
     target_keyring: Option<&str>,
@@ -269,7 +427,7 @@ fn _reencrypt_start(
         },
         _ => McError::bad_arg("fernet_keyring must not be null").raise(),
     };
-    start(mode, tbl, col, batch_size, aad_column, dry_run).or_raise()
+    start(mode, tbl.0, col, batch_size, aad_column, dry_run).or_raise()
 }
 
 #[pg_extern(volatile, parallel_unsafe)]

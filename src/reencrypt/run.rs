@@ -47,6 +47,19 @@ pub struct Run {
     /// Rows scanned by this session (a resumed run starts from zero).
     pub scanned_this_call: i64,
     pub lock_name: String,
+    /// After a batch statement failed: its blocks, retried row by row.
+    pub row_mode: Option<RowMode>,
+}
+
+/// A batch being retried one row per subtransaction, a few rows per
+/// transaction (each committed subtransaction holds a transaction id until
+/// the top transaction ends; PostgreSQL caches 64 per backend).
+pub struct RowMode {
+    /// The end of the failed batch's block range.
+    pub end_block: i64,
+    pub rows: Vec<super::batch::Candidate>,
+    /// How many of `rows` are done.
+    pub done: usize,
 }
 
 impl Run {
