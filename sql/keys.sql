@@ -2,9 +2,14 @@
 -- Runs after bootstrap.sql (the tables) and before finalize.sql (grants).
 
 -- Any change to key state, however made, reaches every backend's key cache
--- by its next transaction (see src/keys/cache.rs).
+-- by its next transaction (see src/keys/cache.rs). Like every function
+-- defined in SQL, the trigger functions carry a fixed search_path (see
+-- sql/locking.sql); both are statement-level or fire only on a refused
+-- write, so the SET clause costs no row.
 CREATE FUNCTION manna_crypt._keys_changed() RETURNS trigger
-    LANGUAGE plpgsql AS
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS
 $$
 BEGIN
     PERFORM manna_crypt._invalidate_key_cache();
@@ -20,7 +25,9 @@ CREATE TRIGGER invalidate_key_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
 
 -- The audit log only grows.
 CREATE FUNCTION manna_crypt._audit_log_append_only() RETURNS trigger
-    LANGUAGE plpgsql AS
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS
 $$
 BEGIN
     RAISE EXCEPTION 'manna_crypt.audit_log is append-only'

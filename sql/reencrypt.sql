@@ -1,5 +1,6 @@
 -- In-place re-encryption (docs/DESIGN.md section 4): progress and failure tables,
--- the three procedures, column_status().
+-- the three procedures, column_status(), and the event trigger that forgets
+-- dropped tables and columns.
 
 CREATE TABLE manna_crypt.reencrypt_runs (
     run_id              bigserial PRIMARY KEY,
@@ -52,13 +53,20 @@ SELECT run_id, tbl, col, mode, status, pass, pid,
 
 -- The loop the three procedures share: start (or resume), one batch per
 -- transaction, finish. A CALL from a procedure keeps transaction control.
+--
+-- A procedure that commits cannot carry a SET clause, so these four run
+-- with their caller's search_path. Their bodies therefore name nothing
+-- that path could resolve: every function and type is schema-qualified,
+-- there is no operator and no SQL statement, and the work is done by the
+-- C functions they call (which fix their own search_path).
+-- tests/python/test_catalog.py checks this.
 CREATE PROCEDURE manna_crypt._reencrypt_run(
     mode text, tbl regclass, col name, source_keyring text, target_keyring text,
     batch_size integer, aad_column name, dry_run boolean)
 LANGUAGE plpgsql AS
 $$
 DECLARE
-    h bigint;
+    h pg_catalog.int8;
 BEGIN
     h := manna_crypt._reencrypt_start(mode, tbl, col, source_keyring, target_keyring, batch_size, aad_column, dry_run);
     COMMIT;
@@ -100,21 +108,82 @@ BEGIN
 END
 $$;
 
+-- Runs as the caller (who needs SELECT on the table), with a fixed
+-- search_path for itself and the query it builds (see sql/locking.sql).
 CREATE FUNCTION manna_crypt.column_status(tbl regclass, col name)
 RETURNS TABLE (category text, key_id bigint, keyring text, key_status text, n bigint)
-LANGUAGE plpgsql STABLE AS
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS
 $$
 BEGIN
+    -- Bad arguments (22023), not the syntax error format() would make of them.
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'tbl must not be null' USING ERRCODE = '22023';
+    END IF;
+    IF col IS NULL OR col = '' THEN
+        RAISE EXCEPTION 'col must not be null or empty' USING ERRCODE = '22023';
+    END IF;
     RETURN QUERY EXECUTE pg_catalog.format(
-        'SELECT s.category, s.key_id, k.keyring, k.status, count(*)
+        'SELECT s.category, s.key_id, k.keyring, k.status, pg_catalog.count(*)
            FROM (SELECT CASE WHEN v IS NULL THEN ''null'' ELSE manna_crypt.value_class(v) END AS category,
                         CASE WHEN manna_crypt.is_encrypted(v) THEN manna_crypt.key_id(v) END AS key_id
-                   FROM (SELECT %I::text AS v FROM %s) t) s
+                   FROM (SELECT %I::pg_catalog.text AS v FROM %s) t) s
            LEFT JOIN manna_crypt.keys k ON k.key_id = s.key_id
           GROUP BY 1, 2, 3, 4
           ORDER BY 1, 2', col, tbl);
 END
 $$;
+
+-- Dropping a table or a column forgets it. registered_columns and
+-- reencrypt_runs name tables by oid (a regclass column records no
+-- dependency), and PostgreSQL reuses oids: a stale registration would
+-- protect keys for, and be scanned in, whatever table gets the oid next,
+-- and an unfinished run would be resumed on it halfway through.
+-- Registrations of the dropped table or column are deleted; runs are
+-- history and stay, but an unfinished one is closed as abandoned.
+--
+-- The event trigger runs as the role that issued the DROP, who cannot
+-- write these tables, hence SECURITY DEFINER (the extension owner). That
+-- is safe because the function
+--   * runs only as this event trigger: PostgreSQL refuses to call an
+--     event_trigger function directly, and PUBLIC has no EXECUTE on it;
+--   * takes no argument and reads only pg_event_trigger_dropped_objects(),
+--     which lists what the current command dropped (so its caller owned
+--     those objects, or is a superuser);
+--   * changes only rows about those objects, which no longer exist (the
+--     DROP and this cleanup commit or roll back together);
+--   * runs no SQL built at run time and no user code (no trigger is on
+--     either table), with a fixed search_path and every name qualified,
+--     operators included.
+-- It fires for every DROP in the database, so it stays one statement each.
+CREATE FUNCTION manna_crypt._forget_dropped() RETURNS event_trigger
+    LANGUAGE plpgsql
+    SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS
+$$
+BEGIN
+    -- A dropped table is reported with objsubid 0, a dropped column as a
+    -- 'table column' with objsubid > 0 and its name last in address_names.
+    DELETE FROM manna_crypt.registered_columns r
+     USING pg_catalog.pg_event_trigger_dropped_objects() d
+     WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+       AND r.tbl OPERATOR(pg_catalog.=) d.objid
+       AND (d.objsubid OPERATOR(pg_catalog.=) 0
+            OR r.col OPERATOR(pg_catalog.=) d.address_names[pg_catalog.array_upper(d.address_names, 1)]);
+    UPDATE manna_crypt.reencrypt_runs r
+       SET status = 'abandoned', finished_at = pg_catalog.now()
+      FROM pg_catalog.pg_event_trigger_dropped_objects() d
+     WHERE r.status OPERATOR(pg_catalog.=) 'running'
+       AND d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+       AND r.tbl OPERATOR(pg_catalog.=) d.objid
+       AND (d.objsubid OPERATOR(pg_catalog.=) 0
+            OR r.col OPERATOR(pg_catalog.=) d.address_names[pg_catalog.array_upper(d.address_names, 1)]);
+END
+$$;
+CREATE EVENT TRIGGER manna_crypt_forget_dropped ON sql_drop
+    EXECUTE FUNCTION manna_crypt._forget_dropped();
 
 COMMENT ON FUNCTION manna_crypt.column_status(regclass, name) IS 'counts of NULL, plaintext, Fernet, malformed and mc1 values per key id of a column';
 COMMENT ON PROCEDURE manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean) IS 're-encrypt Fernet tokens in place as AES-256-GCM, committing per batch';
@@ -123,4 +192,6 @@ COMMENT ON PROCEDURE manna_crypt.encrypt_column(regclass, name, text, integer, n
 COMMENT ON TABLE manna_crypt.reencrypt_runs IS 're-encryption runs and their progress, updated in each batch''s transaction';
 COMMENT ON TABLE manna_crypt.reencrypt_failures IS 'rows a run left untouched, with the reason (never the value)';
 COMMENT ON VIEW manna_crypt.reencrypt_progress IS 're-encryption progress, readable while a run is going on';
+COMMENT ON FUNCTION manna_crypt._forget_dropped() IS 'internal: sql_drop event trigger forgetting registrations (and closing unfinished runs) of dropped tables and columns';
+COMMENT ON EVENT TRIGGER manna_crypt_forget_dropped IS 'forgets registered columns of dropped tables and columns';
 COMMENT ON PROCEDURE manna_crypt._reencrypt_run(text, regclass, name, text, text, integer, name, boolean) IS 'internal: the batch loop shared by migrate_fernet, rewrap_column and encrypt_column';

@@ -32,7 +32,8 @@
 --   schema     owner and ACL of the extension's schema.
 --   member     pg_describe_object() of every member: catches any kind of
 --              object (casts, operators, aggregates...) even where no
---              section below describes its details.
+--              section below describes its details. Event triggers get a
+--              second line: event, tags, function, enabled state, owner.
 --   proc/src   every member function and procedure: identity arguments,
 --              result, all arguments with defaults, kind, language,
 --              volatility, parallel safety, strictness, SECURITY DEFINER,
@@ -269,6 +270,19 @@ lines (sec, key, sub, n, line) AS (
     SELECT 30, pg_catalog.pg_describe_object(m.classid, m.objid, m.objsubid), 0, 0,
            'member ' || pg_catalog.pg_describe_object(m.classid, m.objid, m.objsubid)
       FROM members m
+    UNION ALL
+    -- Event triggers, under their member line: what fires them and whether
+    -- they are enabled (ALTER EVENT TRIGGER ... DISABLE changes nothing else).
+    SELECT 30, pg_catalog.pg_describe_object(m.classid, m.objid, m.objsubid), 1, 0,
+           'event trigger ' || pg_catalog.quote_ident(et.evtname)
+           || ' | event ' || et.evtevent::text
+           || ' | tags ' || coalesce(pg_catalog.array_to_string(et.evttags, ', '), '-')
+           || ' | function ' || et.evtfoid::pg_catalog.regprocedure::text
+           || ' | enabled ' || et.evtenabled::text
+           || ' | owner ' || coalesce(ro.name, '?')
+      FROM members m JOIN pg_catalog.pg_event_trigger et ON et.oid = m.objid
+      LEFT JOIN roles ro ON ro.oid = et.evtowner
+     WHERE m.classid = 'pg_catalog.pg_event_trigger'::pg_catalog.regclass
     -------------------------------------------------------------------- procs
     UNION ALL
     SELECT 40, p.sig, 0, 0,

@@ -138,6 +138,15 @@ CREATE TABLE numeric_v (id int PRIMARY KEY, version numeric);
 SELECT manna_crypt.enable_optimistic_locking('numeric_v');
 -- no such table
 SELECT manna_crypt.enable_optimistic_locking('no_such_table');
+-- a NULL table, a NULL or empty column name: 22023, and nothing is installed
+SELECT manna_crypt.enable_optimistic_locking(NULL);
+\echo :LAST_ERROR_MESSAGE
+SELECT manna_crypt.enable_optimistic_locking(NULL, 'v');
+SELECT manna_crypt.enable_optimistic_locking('texty', NULL);
+\echo :LAST_ERROR_MESSAGE
+SELECT manna_crypt.enable_optimistic_locking('texty', '');
+\echo :LAST_ERROR_MESSAGE
+SELECT count(*) AS triggers FROM pg_trigger WHERE tgrelid = 'texty'::regclass;
 
 ----------------------------------------------------------------------------
 -- disable_optimistic_locking: the trigger goes, the column stays

@@ -158,6 +158,14 @@ CALL encrypt_column('migrate_notes', 'no_such_column', 'migrate_notes_ring');
 CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_target', aad_column => 'no_such_column');
 -- unknown table -> 42P01
 CALL migrate_fernet('migrate_no_such_table', 'token', 'migrate_legacy', 'migrate_target');
+-- column_status: a NULL table, a NULL or empty column name -> 22023; no such
+-- column -> 42703
+SELECT * FROM column_status(NULL, 'token');
+\echo :LAST_ERROR_MESSAGE
+SELECT * FROM column_status('migrate_items', NULL);
+\echo :LAST_ERROR_MESSAGE
+SELECT * FROM column_status('migrate_items', '');
+SELECT * FROM column_status('migrate_items', 'no_such_column');
 -- unknown keyrings -> 42704
 CALL migrate_fernet('migrate_items', 'token', 'migrate_no_such_ring', 'migrate_target');
 CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_no_such_ring');
