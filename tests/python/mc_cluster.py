@@ -408,14 +408,49 @@ def error_text(e: psycopg.Error) -> str:
     )
 
 
-def unwrap_data_key(root_key_hex: str, key_id: int, wrapped: bytes) -> bytes:
-    """Unwraps a stored data key the way core/src/keywrap.rs wraps it:
-    wrapped = 0x01 | nonce(12) | AES-256-GCM(root, key) | tag(16), with
-    AAD = envelope header (0x01, key id 0) | label | key_id (u32 BE)."""
+class Wrapped:
+    """A stored wrapped key with what its wrap is bound to (see wrapped_keys)."""
+
+    def __init__(self, keyring: str, kind: str, data: bytes):
+        self.keyring, self.kind, self.data = keyring, kind, bytes(data)
+
+    def __bytes__(self):
+        return self.data
+
+
+WRAPPED_KEYS = (
+    "SELECT k.key_id, r.name, r.kind, k.wrapped FROM manna_crypt.data_keys k "
+    "JOIN manna_crypt.keyrings r USING (keyring_id) WHERE k.wrapped IS NOT NULL"
+)
+
+
+def wrapped_keys(conn, key_id=None) -> dict:
+    """{key id: Wrapped} of every stored wrapped key (or just one)."""
+    sql = WRAPPED_KEYS + ("" if key_id is None else " AND k.key_id = %s")
+    rows = conn.execute(sql, () if key_id is None else (key_id,)).fetchall()
+    return {kid: Wrapped(name, kind, w) for kid, name, kind, w in rows}
+
+
+def unwrap_data_key(root_key_hex: str, key_id: int, wrapped, keyring=None, kind=None) -> bytes:
+    """Unwraps a stored data key the way core/src/keywrap.rs wraps it.
+
+    Version 2: 0x02 | nonce(12) | AES-256-GCM(root, key) | tag(16), with
+    AAD = "manna_crypt/data-key/v2" | key_id (u32 BE) | kind ('g' or 'f') |
+    len(keyring) (1 byte) | keyring. Version 1 (0.1.0): 0x01 | ..., with
+    AAD = envelope header (0x01, key id 0) | "manna_crypt/data-key/v1" | key_id.
+    `wrapped` is bytes (then keyring and kind are needed for version 2) or a
+    Wrapped from wrapped_keys()."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    assert len(wrapped) == 61 and wrapped[0] == 0x01
-    aad = bytes([1, 0, 0, 0, 0]) + WRAP_AAD_LABEL + key_id.to_bytes(4, "big")
+    if isinstance(wrapped, Wrapped):
+        keyring, kind, wrapped = wrapped.keyring, wrapped.kind, wrapped.data
+    assert len(wrapped) == 61 and wrapped[0] in (1, 2)
+    if wrapped[0] == 1:
+        aad = bytes([1, 0, 0, 0, 0]) + WRAP_AAD_LABEL + key_id.to_bytes(4, "big")
+    else:
+        name = keyring.encode()
+        aad = (b"manna_crypt/data-key/v2" + key_id.to_bytes(4, "big")
+               + (b"f" if kind == "fernet" else b"g") + bytes([len(name)]) + name)
     return AESGCM(bytes.fromhex(root_key_hex)).decrypt(wrapped[1:13], wrapped[13:], aad)
 
 

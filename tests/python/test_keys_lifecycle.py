@@ -23,6 +23,7 @@ from mc_cluster import (
     seal,
     text_of,
     unwrap_data_key,
+    wrapped_keys,
 )
 
 E = expect_error
@@ -40,10 +41,7 @@ def shared_root_key() -> str:
 def data_keys(conn) -> dict[int, bytes]:
     """Every stored data key, unwrapped in Python with the shared root key."""
     root = shared_root_key()
-    rows = conn.execute(
-        "SELECT key_id, wrapped FROM manna_crypt.data_keys WHERE wrapped IS NOT NULL"
-    ).fetchall()
-    return {kid: unwrap_data_key(root, kid, bytes(w)) for kid, w in rows}
+    return {kid: unwrap_data_key(root, kid, w) for kid, w in wrapped_keys(conn).items()}
 
 
 def status_of(conn, key_id):
@@ -109,9 +107,14 @@ def test_wrapped_keys_open_in_python_and_decrypt_values(conn):
     assert one(conn, "SELECT manna_crypt.decrypt_gcm(%s::text, 'ctx')", (mine,)) == "from python"
     # The key id is bound to the wrapped key: moving a wrapped key to another
     # row (another key id) does not unwrap there.
-    wrapped = bytes(one(conn, "SELECT wrapped FROM manna_crypt.data_keys WHERE key_id = %s", (k1,)))
+    wrapped = wrapped_keys(conn, k1)[k1]
     with pytest.raises(Exception):
         unwrap_data_key(shared_root_key(), k1 + 1, wrapped)
+    # So are its keyring and kind (version-2 wraps).
+    with pytest.raises(Exception):
+        unwrap_data_key(shared_root_key(), k1, bytes(wrapped), keyring="other", kind="gcm")
+    with pytest.raises(Exception):
+        unwrap_data_key(shared_root_key(), k1, bytes(wrapped), keyring="interop", kind="fernet")
 
 
 def test_rotation_keeps_old_versions_readable(conn):

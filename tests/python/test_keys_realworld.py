@@ -21,6 +21,7 @@ from mc_cluster import (
     seal,
     text_of,
     unwrap_data_key,
+    wrapped_keys,
 )
 
 E = expect_error
@@ -100,8 +101,8 @@ def test_dump_and_restore_into_other_clusters(tmp_path):
         # The dump holds wrapped keys only: no root key, no data key.
         wrapped = {}
         with src.connect("app") as c:
-            for kid, w in c.execute("SELECT key_id, wrapped FROM manna_crypt.data_keys WHERE wrapped IS NOT NULL"):
-                wrapped[kid] = unwrap_data_key(key, kid, bytes(w))
+            for kid, w in wrapped_keys(c).items():
+                wrapped[kid] = unwrap_data_key(key, kid, w)
         text = dump_p.read_text()
         for k in [bytes.fromhex(key), *wrapped.values()]:
             assert not any(f in text for f in key_forms(k)), "key material in the dump"
@@ -206,7 +207,9 @@ def test_hot_standby():
 
                 with primary.connect("app") as p:
                     p.execute("SELECT manna_crypt.rotate_keyring('pii')")
-                    p.execute("SELECT manna_crypt.revoke_key(%s)", (k1,))
+                    # t.v is an encrypted_text column: it protects k1, so
+                    # revoking a key still in use takes force.
+                    p.execute("SELECT manna_crypt.revoke_key(%s, force => true)", (k1,))
                 standby.wait_for("app", "SELECT status = 'revoked' FROM manna_crypt.keys WHERE key_id = %s", (k1,))
                 # The standby session's next transaction refuses the key.
                 e = E(s, "55000", "SELECT manna_crypt.decrypt_gcm(v, 'row') FROM t WHERE id = 1")
@@ -249,8 +252,7 @@ def test_server_log_holds_no_key_material_or_client_plaintext():
 
             # The canary only ever enters the database encrypted, sealed in
             # Python under the keyring's own data key (unwrapped here).
-            wrapped = bytes(one(x, "SELECT wrapped FROM manna_crypt.data_keys WHERE key_id = %s", (k1,)))
-            dk1 = unwrap_data_key(key_a, k1, wrapped)
+            dk1 = unwrap_data_key(key_a, k1, wrapped_keys(x, k1)[k1])
             ct = text_of(seal(dk1, k1, canary.encode(), b"a2"))
             x.execute("INSERT INTO t VALUES (2, %s, 'a2')", (ct,))
             # Decrypted server side, results go back to the client only.
@@ -270,9 +272,7 @@ def test_server_log_holds_no_key_material_or_client_plaintext():
             ct_doomed = one(x, "SELECT manna_crypt.encrypt_gcm('x'::text, 'doomed'::text)")
             x.execute("SELECT manna_crypt.revoke_key(%s)", (kdel,))
             fail(x, "55000", "SELECT manna_crypt.decrypt_gcm(%s::text)", (ct_doomed,))
-            dk_doomed = unwrap_data_key(
-                key_a, kdel,
-                bytes(one(x, "SELECT wrapped FROM manna_crypt.data_keys WHERE key_id = %s", (kdel,))))
+            dk_doomed = unwrap_data_key(key_a, kdel, wrapped_keys(x, kdel)[kdel])
             x.execute("SELECT manna_crypt.destroy_key(%s)", (kdel,))
             fail(x, "55000", "SELECT manna_crypt.decrypt_gcm(%s::text)", (ct_doomed,))
             fail(x, "42704", "SELECT manna_crypt.encrypt_gcm('x'::text, 'nope'::text)")
@@ -280,8 +280,7 @@ def test_server_log_holds_no_key_material_or_client_plaintext():
             fail(x, "22023", "SELECT manna_crypt.encrypt_gcm('x'::text, 'legacy'::text)")
             fail(x, "42710", "SELECT manna_crypt.create_keyring('pii')")
             x.execute("SELECT manna_crypt.info()")
-            dk2 = unwrap_data_key(
-                key_a, k2, bytes(one(x, "SELECT wrapped FROM manna_crypt.data_keys WHERE key_id = %s", (k2,))))
+            dk2 = unwrap_data_key(key_a, k2, wrapped_keys(x, k2)[k2])
 
         # Root-key rotation A -> B.
         file_b = c.write_key_file("b.key", key_b)

@@ -11,7 +11,15 @@ import uuid
 import psycopg
 import pytest
 
-from mc_cluster import Cluster, error_text, expect_error, key_forms, new_root_key, unwrap_data_key
+from mc_cluster import (
+    Cluster,
+    error_text,
+    expect_error,
+    key_forms,
+    new_root_key,
+    unwrap_data_key,
+    wrapped_keys,
+)
 
 E = expect_error
 ROOT_SETTINGS = (
@@ -161,7 +169,7 @@ def test_command_works(rk, db):
         ct = one(x, "SELECT manna_crypt.encrypt_gcm('cmd'::text, 'r'::text)")
         assert one(x, "SELECT manna_crypt.decrypt_gcm(%s::text)", (ct,)) == "cmd"
         root = one(x, "SELECT manna_crypt.info()")["root_key"]
-        wrapped = bytes(one(x, "SELECT wrapped FROM manna_crypt.data_keys WHERE key_id = %s", (kid,)))
+        wrapped = wrapped_keys(x, kid)[kid]
     assert root["source"] == "command" and root["fingerprint"] == fingerprint(rk.key_a)
     # The command's key is the one the data key is wrapped under.
     assert len(unwrap_data_key(rk.key_a, kid, wrapped)) == 32
@@ -303,7 +311,7 @@ def test_root_key_rotation(rk, db):
         x.execute("SELECT manna_crypt.destroy_key(%s)", (gone,))
         n_keys = one(x, "SELECT count(*) FROM manna_crypt.data_keys WHERE wrapped IS NOT NULL")
         assert n_keys == 3 and old > 0
-        before = dict(x.execute("SELECT key_id, wrapped FROM manna_crypt.data_keys WHERE wrapped IS NOT NULL"))
+        before = wrapped_keys(x)
         rows_before = one(x, "SELECT count(*) FROM manna_crypt.audit_log")
 
     def check_all(conn):
@@ -326,7 +334,7 @@ def test_root_key_rotation(rk, db):
         assert root["rotation_pending"] is False and root["matches_stored_keys"] is True
         fps = {r[0] for r in x.execute("SELECT root_fingerprint FROM manna_crypt.keys WHERE status <> 'destroyed'")}
         assert fps == {fingerprint(key_b)}
-        after = dict(x.execute("SELECT key_id, wrapped FROM manna_crypt.data_keys WHERE wrapped IS NOT NULL"))
+        after = wrapped_keys(x)
         entry = x.execute(
             "SELECT role_name, detail FROM manna_crypt.audit_log WHERE event = 'rewrap_keys' ORDER BY id DESC LIMIT 1"
         ).fetchone()
@@ -338,9 +346,9 @@ def test_root_key_rotation(rk, db):
     assert set(after) == set(before)
     for kid in before:
         assert bytes(after[kid]) != bytes(before[kid])
-        assert unwrap_data_key(key_b, kid, bytes(after[kid])) == unwrap_data_key(rk.key_a, kid, bytes(before[kid]))
+        assert unwrap_data_key(key_b, kid, after[kid]) == unwrap_data_key(rk.key_a, kid, before[kid])
         with pytest.raises(Exception):
-            unwrap_data_key(rk.key_a, kid, bytes(after[kid]))
+            unwrap_data_key(rk.key_a, kid, after[kid])
 
     # Step 2: drop the previous key. Everything decrypts under B alone.
     set_root(rk, manna_crypt__root_key_file=str(file_b))
@@ -452,6 +460,6 @@ def test_key_created_concurrently_with_rewrap(rk, db):
             c2 = one(x, "SELECT manna_crypt.encrypt_gcm('ok'::text, %s::text)", (ring,))
             assert one(x, "SELECT manna_crypt.decrypt_gcm(%s::text)", (c2,)) == "ok"
         assert one(x, "SELECT manna_crypt.rewrap_keys()") == 0
-        wrapped = x.execute("SELECT key_id, wrapped FROM manna_crypt.data_keys").fetchall()
-    for kid, w in wrapped:
-        assert len(unwrap_data_key(rk.key_a, kid, bytes(w))) == 32
+        wrapped = wrapped_keys(x)
+    for kid, w in wrapped.items():
+        assert len(unwrap_data_key(rk.key_a, kid, w)) == 32
