@@ -5,12 +5,15 @@
 //! - [`security`]: whose rights work runs with (extension owner, table
 //!   owner in a security-restricted operation, or the caller);
 //! - [`guc`]: function-local settings;
+//! - [`interrupt`]: cancel, statement_timeout and termination for waits
+//!   PostgreSQL does not know about;
 //! - [`xact`]: transaction-state checks (standby, transaction block);
 //! - [`datum`]: return types pgrx does not provide (the domain, wiped
 //!   plaintext buffers).
 
 pub mod datum;
 pub mod guc;
+pub mod interrupt;
 pub mod security;
 pub mod spi;
 pub mod xact;
