@@ -3,6 +3,8 @@
 //! Layered bottom-up; a module calls only the ones listed before it:
 //!
 //! - [`store`]: every statement on the key tables and the audit log;
+//! - [`root_command`]: running a root key command, bounded in time, output
+//!   and inherited descriptors (no SQL, no PostgreSQL);
 //! - [`root_source`]: reading a root key's text from a file or a command;
 //! - [`rootkey`]: the root-key settings, the loaded keys, and which root key
 //!   opens the stored data keys;
@@ -21,6 +23,7 @@ pub mod cache;
 pub mod import;
 pub mod info;
 pub mod lifecycle;
+pub mod root_command;
 pub mod root_source;
 pub mod rootkey;
 pub mod secret_file;

@@ -2,12 +2,15 @@
 //! command, never stored in a table, never shown.
 //!
 //! Settings (all superuser-only, hidden from non-superusers in SHOW):
-//! `manna_crypt.root_key_file`, `manna_crypt.root_key_command`, and their
-//! `previous_` twins for root-key rotation. A file must hold 64 hex
+//! `manna_crypt.root_key_file`, `manna_crypt.root_key_command`, their
+//! `previous_` twins for root-key rotation, and
+//! `manna_crypt.root_key_command_timeout`. A file must hold 64 hex
 //! characters, be owned by the server's OS user and have no group or other
 //! permissions. A command must print 64 hex characters on standard output
-//! and exit 0 within [`super::root_source::COMMAND_TIMEOUT`]; its standard
-//! error is discarded, never logged, since a KMS CLI may echo tokens there.
+//! and exit 0 within the timeout (see [`super::root_command`] for how it
+//! runs); when it fails, the last line of its standard error goes to the
+//! server log only, since a KMS CLI may print things there no client should
+//! see.
 //!
 //! A loaded key is kept per backend and reloaded when its setting changes.
 //! [`effective_root`] decides which configured root key opens the stored
@@ -16,6 +19,7 @@
 use std::cell::RefCell;
 use std::ffi::CString;
 use std::rc::Rc;
+use std::time::Duration;
 
 use manna_crypt_core::keywrap;
 use manna_crypt_core::secret::Key32;
@@ -31,6 +35,7 @@ pub static PREVIOUS_ROOT_KEY_FILE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 pub static PREVIOUS_ROOT_KEY_COMMAND: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
+pub static ROOT_KEY_COMMAND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(30);
 
 pub fn register_settings() {
     let flags = GucFlags::SUPERUSER_ONLY;
@@ -45,7 +50,8 @@ pub fn register_settings() {
     GucRegistry::define_string_guc(
         c"manna_crypt.root_key_command",
         c"Shell command that prints the root key as 64 hex characters.",
-        c"The hook for a KMS or Vault CLI. Standard error is discarded.",
+        c"The hook for a KMS or Vault CLI. When it fails, the last line of its standard error \
+          goes to the server log.",
         &ROOT_KEY_COMMAND,
         GucContext::Suset,
         flags,
@@ -65,6 +71,16 @@ pub fn register_settings() {
         &PREVIOUS_ROOT_KEY_COMMAND,
         GucContext::Suset,
         flags,
+    );
+    GucRegistry::define_int_guc(
+        c"manna_crypt.root_key_command_timeout",
+        c"Seconds a root key command may run before its process group is killed.",
+        c"Applies to manna_crypt.root_key_command and manna_crypt.previous_root_key_command.",
+        &ROOT_KEY_COMMAND_TIMEOUT,
+        1,
+        3600,
+        GucContext::Suset,
+        flags | GucFlags::UNIT_S,
     );
 }
 
@@ -147,19 +163,18 @@ pub fn get(which: Which) -> McResult<Option<Rc<RootKey>>> {
         return Ok(Some(hit));
     }
     let (_, _, prefix) = which.settings();
-    let (text, kind) = match &source {
-        Source::File(path) => (read_key_file(path, prefix)?, "file"),
-        Source::Command(cmd) => (run_key_command(cmd, prefix)?, "command"),
-    };
-    let key = Key32::from_hex(&text).ok_or_else(|| McError::RootKeyIo {
-        message: format!("{prefix}_{kind} does not yield a root key"),
-        detail: Some(
-            "expected exactly 64 hexadecimal characters (32 bytes), optionally followed by a \
-             newline"
-                .into(),
+    let (key, kind) = match &source {
+        Source::File(path) => (
+            parse(&read_key_file(path, prefix)?, prefix, "file")?,
+            "file",
         ),
-        hint: Some("generate one with: openssl rand -hex 32".into()),
-    })?;
+        Source::Command(cmd) => (
+            run_key_command(cmd, prefix, command_timeout(), |text| {
+                parse(text, prefix, "command")
+            })?,
+            "command",
+        ),
+    };
     let loaded = Rc::new(RootKey {
         fingerprint: keywrap::fingerprint(&key),
         key,
@@ -167,6 +182,23 @@ pub fn get(which: Which) -> McResult<Option<Rc<RootKey>>> {
     });
     LOADED.with(|l| l.borrow_mut()[slot] = Some((source, loaded.clone())));
     Ok(Some(loaded))
+}
+
+fn parse(text: &str, prefix: &str, kind: &str) -> McResult<Key32> {
+    Key32::from_hex(text).ok_or_else(|| McError::RootKeyIo {
+        message: format!("{prefix}_{kind} does not yield a root key"),
+        detail: Some(
+            "expected exactly 64 hexadecimal characters (32 bytes), optionally followed by a \
+             newline"
+                .into(),
+        ),
+        hint: Some("generate one with: openssl rand -hex 32".into()),
+    })
+}
+
+fn command_timeout() -> Duration {
+    // The setting's bounds (1 to 3600) keep this positive.
+    Duration::from_secs(ROOT_KEY_COMMAND_TIMEOUT.get().max(1) as u64)
 }
 
 /// The current root key; an error when it is not configured.

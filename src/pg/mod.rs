@@ -5,6 +5,8 @@
 //! - [`security`]: whose rights work runs with (extension owner, table
 //!   owner in a security-restricted operation, or the caller);
 //! - [`guc`]: function-local settings;
+//! - [`interrupt`]: cancel, statement_timeout and termination for waits
+//!   PostgreSQL does not know about;
 //! - [`locks`]: releasing an advisory lock where SQL is not allowed;
 //! - [`subxact`]: work in a subtransaction, rolled back on a row's error;
 //! - [`xact`]: transaction-state checks (standby, transaction block);
@@ -13,6 +15,7 @@
 
 pub mod datum;
 pub mod guc;
+pub mod interrupt;
 pub mod locks;
 pub mod security;
 pub mod spi;

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import secrets
 import shutil
 import socket
@@ -67,9 +68,23 @@ def new_root_key() -> str:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1. With MC_PORT_RANGE=LOW-HIGH set, one from
+    that range (for people sharing a machine, each with a range of their
+    own); otherwise one the OS picks."""
+    span = os.environ.get("MC_PORT_RANGE")
+    candidates = [0]
+    if span:
+        low, high = (int(p) for p in span.split("-"))
+        candidates = list(range(low, high + 1))
+        random.shuffle(candidates)
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in MC_PORT_RANGE={span}")
 
 
 def _server_ids():
