@@ -7,8 +7,6 @@
 //! a cancel, statement_timeout or termination), and on failure the last
 //! line of its standard error goes to the server log, never to the client.
 
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use pgrx::pg_sys::panic::ErrorReport;
@@ -17,62 +15,30 @@ use pgrx::PgSqlErrorCode;
 use zeroize::Zeroizing;
 
 use super::root_command::{self, exit_text, Failure, MAX_OUTPUT};
+use super::secret_file::{read_secret_file, FileProblem};
 use crate::error::{McError, McResult};
 use crate::pg::interrupt;
 
 /// How much of the last line of a failed command's standard error is logged.
 const STDERR_LINE_MAX: usize = 200;
 
+/// The root key file's text: a regular file of the server's OS user with no
+/// group or other permissions (see [`super::secret_file`]).
 pub fn read_key_file(path: &str, prefix: &str) -> McResult<Zeroizing<String>> {
-    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => McError::RootKeyMissing {
-            message: format!("root key file \"{path}\" does not exist"),
-            hint: Some(format!("check {prefix}_file")),
-        },
-        _ => McError::RootKeyIo {
-            message: format!("could not access root key file \"{path}\": {e}"),
-            detail: None,
-            hint: None,
-        },
-    })?;
-    // SAFETY: geteuid() has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    if !meta.is_file() {
-        return Err(McError::RootKeyIo {
-            message: format!("root key file \"{path}\" is not a regular file"),
-            detail: None,
-            hint: None,
-        });
-    }
-    if meta.uid() != euid {
-        return Err(McError::RootKeyIo {
-            message: format!(
-                "root key file \"{path}\" is not owned by the database server's OS user"
-            ),
-            detail: Some(format!(
-                "file owner uid {}, server uid {}",
-                meta.uid(),
-                euid
-            )),
-            hint: Some("chown it to the user the server runs as".into()),
-        });
-    }
-    if meta.mode() & 0o077 != 0 {
-        return Err(McError::RootKeyIo {
-            message: format!("root key file \"{path}\" has group or world access"),
-            detail: Some(format!("permissions are {:04o}", meta.mode() & 0o7777)),
-            hint: Some("chmod 0600 the file".into()),
-        });
-    }
-    let mut text = Zeroizing::new(String::new());
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_to_string(&mut text))
-        .map_err(|e| McError::RootKeyIo {
-            message: format!("could not read root key file \"{path}\": {e}"),
-            detail: None,
-            hint: None,
-        })?;
-    Ok(text)
+    read_secret_file(path).map_err(|problem| {
+        let (message, detail, hint) = problem.describe(&format!("root key file \"{path}\""));
+        match problem {
+            FileProblem::Missing => McError::RootKeyMissing {
+                message,
+                hint: Some(format!("check {prefix}_file")),
+            },
+            _ => McError::RootKeyIo {
+                message,
+                detail,
+                hint,
+            },
+        }
+    })
 }
 
 /// Runs the root key command `cmd` (at most `timeout`) and hands its

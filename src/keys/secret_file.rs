@@ -1,7 +1,7 @@
 //! Reading a secret from a file on the database server: a regular file,
 //! owned by the server's OS user, with no group or other permissions —
-//! what PostgreSQL itself demands of its SSL key file. Used for key imports
-//! that must not pass the key through SQL text.
+//! what PostgreSQL itself demands of its SSL key file. Used for the root key
+//! file and for key imports that must not pass the key through SQL text.
 
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
