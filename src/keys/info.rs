@@ -1,16 +1,19 @@
 //! `info()`: what an administrator needs to see at a glance — version, root
 //! key source and fingerprint (never the key), keyrings and their active
-//! versions, key counts by status, registered columns, CPU AES support.
+//! versions, key counts by status, registered columns, CPU AES support; and
+//! `root_key_status()`, every database's root key (see [`super::rootstatus`]).
 
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::{json, Value};
 
 use super::rootkey::{self, Which};
+use super::rootstatus;
 use super::usage;
 use crate::error::{McError, McResult, OrRaise};
 use crate::pg::security::{run_as, Identity};
 use crate::pg::spi::{self, Mode};
+use pgrx::pg_sys;
 
 const KEYRINGS: &str = "\
     SELECT coalesce(jsonb_agg(jsonb_build_object( \
@@ -99,4 +102,55 @@ fn cpu_features() -> Value {
     {
         json!({ "arch": std::env::consts::ARCH, "aes": false })
     }
+}
+
+const DATABASES: &str = "\
+    SELECT d.oid, d.datname::pg_catalog.text FROM pg_catalog.pg_database d ORDER BY 2";
+
+/// Every database of the cluster with the root key its data keys are
+/// wrapped under, as far as the notes in the data directory tell.
+#[pg_extern(volatile, parallel_unsafe)]
+fn root_key_status() -> TableIterator<
+    'static,
+    (
+        name!(database, String),
+        name!(wrapped_under, Option<String>),
+        name!(status, String),
+    ),
+> {
+    let current = rootkey::current().ok().map(|k| k.fingerprint.clone());
+    let previous = rootkey::get(Which::Previous)
+        .ok()
+        .flatten()
+        .map(|k| k.fingerprint.clone());
+    let databases = spi::rows(Mode::Read, DATABASES, &[], |r| {
+        Ok((r.req::<pg_sys::Oid>(1)?.to_u32(), r.req::<String>(2)?))
+    })
+    .or_raise();
+    let notes = rootstatus::database_notes();
+    // Notes of dropped databases would refuse retirement for good.
+    for (oid, _) in &notes {
+        if !databases.iter().any(|(d, _)| d == oid) {
+            let _ = std::fs::remove_file(rootstatus::dir().join(format!("db_{oid}")));
+        }
+    }
+    let rows = databases
+        .into_iter()
+        .map(|(oid, name)| {
+            let note = notes
+                .iter()
+                .find(|(o, _)| *o == oid)
+                .map(|(_, fp)| fp.clone());
+            let status = match note.as_deref() {
+                None => "unknown",
+                Some(rootstatus::NO_KEYS) => "no keys",
+                Some(fp) if Some(fp) == current.as_deref() => "current",
+                Some(fp) if Some(fp) == previous.as_deref() => "needs previous root key",
+                Some(_) => "another root key",
+            };
+            let under = note.filter(|n| n != rootstatus::NO_KEYS);
+            (name, under, status.to_owned())
+        })
+        .collect::<Vec<_>>();
+    TableIterator::new(rows)
 }

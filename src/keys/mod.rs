@@ -6,6 +6,8 @@
 //! - [`root_command`]: running a root key command, bounded in time, output
 //!   and inherited descriptors (no SQL, no PostgreSQL);
 //! - [`root_source`]: reading a root key's text from a file or a command;
+//! - [`rootstatus`]: each database's root key, noted in the data directory
+//!   for the cluster-wide view of a root-key rotation;
 //! - [`rootkey`]: the root-key settings, the loaded keys, and which root key
 //!   opens the stored data keys;
 //! - [`cache`]: unwrapped data keys per backend, invalidated by relcache
@@ -26,6 +28,7 @@ pub mod lifecycle;
 pub mod root_command;
 pub mod root_source;
 pub mod rootkey;
+pub mod rootstatus;
 pub mod secret_file;
 pub mod store;
 pub mod usage;

@@ -19,11 +19,13 @@
 use std::cell::RefCell;
 use std::ffi::CString;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use manna_crypt_core::keywrap;
 use manna_crypt_core::secret::Key32;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::prelude::*;
 
 use super::root_source::{read_key_file, run_key_command};
 use super::store::{self, StoredCheck};
@@ -56,22 +58,41 @@ pub fn register_settings() {
         GucContext::Suset,
         flags,
     );
-    GucRegistry::define_string_guc(
-        c"manna_crypt.previous_root_key_file",
-        c"During root-key rotation: file holding the previous root key.",
-        c"With it set, manna_crypt.rewrap_keys() re-wraps every data key under the new root key.",
-        &PREVIOUS_ROOT_KEY_FILE,
-        GucContext::Suset,
-        flags,
-    );
-    GucRegistry::define_string_guc(
-        c"manna_crypt.previous_root_key_command",
-        c"During root-key rotation: command that prints the previous root key.",
-        c"With it set, manna_crypt.rewrap_keys() re-wraps every data key under the new root key.",
-        &PREVIOUS_ROOT_KEY_COMMAND,
-        GucContext::Suset,
-        flags,
-    );
+    REGISTERING.store(true, Ordering::Relaxed);
+    // SAFETY: the hook is a #[pg_guard] function living as long as the library.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"manna_crypt.previous_root_key_file",
+            c"During root-key rotation: file holding the previous root key.",
+            PREVIOUS_HELP,
+            &PREVIOUS_ROOT_KEY_FILE,
+            GucContext::Suset,
+            flags,
+            Some(check_retire),
+            None,
+            None,
+        );
+        GucRegistry::define_string_guc_with_hooks(
+            c"manna_crypt.previous_root_key_command",
+            c"During root-key rotation: command that prints the previous root key.",
+            PREVIOUS_HELP,
+            &PREVIOUS_ROOT_KEY_COMMAND,
+            GucContext::Suset,
+            flags,
+            Some(check_retire),
+            None,
+            None,
+        );
+    }
+    REGISTERING.store(false, Ordering::Relaxed);
+    // Settings are never refused at startup (that would stop the server);
+    // say in the log what a missing previous root key leaves unreadable.
+    let retired = [&PREVIOUS_ROOT_KEY_FILE, &PREVIOUS_ROOT_KEY_COMMAND]
+        .iter()
+        .all(|s| s.get().is_none_or(|v| v.as_bytes().is_empty()));
+    if let Some(reason) = retired.then(super::rootstatus::retire_refusal).flatten() {
+        warning!("no previous root key is configured, but {reason}");
+    }
     GucRegistry::define_int_guc(
         c"manna_crypt.root_key_command_timeout",
         c"Seconds a root key command may run before its process group is killed.",
@@ -82,6 +103,49 @@ pub fn register_settings() {
         GucContext::Suset,
         flags | GucFlags::UNIT_S,
     );
+}
+
+const PREVIOUS_HELP: &std::ffi::CStr =
+    c"With it set, manna_crypt.rewrap_keys() re-wraps every data key under the new root key.";
+
+/// True while the settings are being defined: the value they start with
+/// (from postgresql.conf at server start) is never refused.
+static REGISTERING: AtomicBool = AtomicBool::new(false);
+
+/// Check hook of the previous-root-key settings: clearing one (retiring the
+/// previous root key) is refused while any database's data keys are still
+/// wrapped under another root key than the current one (see
+/// [`super::rootstatus`]). Setting one is always allowed.
+#[pg_guard]
+unsafe extern "C-unwind" fn check_retire(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pgrx::pg_sys::GucSource::Type,
+) -> bool {
+    if REGISTERING.load(Ordering::Relaxed) {
+        return true;
+    }
+    // SAFETY: PostgreSQL passes a valid pointer to the new value (itself
+    // NULL or a NUL-terminated string).
+    let clearing = unsafe { (*newval).is_null() || **newval == 0 };
+    let had_one = [&PREVIOUS_ROOT_KEY_FILE, &PREVIOUS_ROOT_KEY_COMMAND]
+        .iter()
+        .any(|s| s.get().is_some_and(|v| !v.as_bytes().is_empty()));
+    if !clearing || !had_one {
+        return true;
+    }
+    match super::rootstatus::retire_refusal() {
+        None => true,
+        Some(reason) => {
+            let detail = CString::new(reason).unwrap_or_default();
+            // SAFETY: GUC_check_errdetail_string takes a palloc'd string,
+            // which pstrdup returns in the current memory context.
+            unsafe {
+                pgrx::pg_sys::GUC_check_errdetail_string = pgrx::pg_sys::pstrdup(detail.as_ptr());
+            }
+            false
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,6 +245,9 @@ pub fn get(which: Which) -> McResult<Option<Rc<RootKey>>> {
         source: kind,
     });
     LOADED.with(|l| l.borrow_mut()[slot] = Some((source, loaded.clone())));
+    if which == Which::Current {
+        super::rootstatus::note_current(&loaded.fingerprint);
+    }
     Ok(Some(loaded))
 }
 
@@ -223,7 +290,9 @@ pub fn current() -> McResult<Rc<RootKey>> {
 /// rare), so a reloaded configuration or a finished `rewrap_keys()` is never
 /// judged against a stale choice.
 pub fn effective_root() -> McResult<Rc<RootKey>> {
-    root_for_check(store::stored_check()?.as_ref())
+    let check = store::stored_check()?;
+    super::rootstatus::note_database(check.as_ref().map(|c| c.fingerprint.as_str()));
+    root_for_check(check.as_ref())
 }
 
 /// The root key that matches `check` (see [`effective_root`]).

@@ -18,6 +18,7 @@ use serde_json::json;
 
 use super::cache;
 use super::rootkey::{self, RootKey};
+use super::rootstatus;
 use super::store::{self, NewKey, Status};
 use crate::error::{McError, McResult, OrRaise};
 use crate::pg::security::{caller_name, run_as, Identity};
@@ -28,6 +29,7 @@ use crate::pg::xact::refuse_during_recovery;
 fn root_for_new_keys() -> McResult<Rc<RootKey>> {
     let root = rootkey::effective_root()?;
     store::insert_check(&keywrap::check_value(&root.key), &root.fingerprint)?;
+    rootstatus::note_database(Some(&root.fingerprint));
     let locked = store::lock_check()?;
     match &locked {
         Some(check) if !keywrap::matches_check_value(&root.key, &check.check_value) => {
@@ -91,6 +93,7 @@ fn rewrap_all(role: &str) -> McResult<i32> {
         // transaction that is creating a key (see root_for_new_keys), so
         // the select below sees its key.
         store::replace_check(&keywrap::check_value(&current.key), &current.fingerprint)?;
+        rootstatus::note_database(Some(&current.fingerprint));
     }
     // Under an unchanged root key, only 0.1.0's version-1 wraps are
     // rewritten, in the current format that binds keyring and kind.
