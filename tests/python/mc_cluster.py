@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import secrets
 import shutil
 import socket
@@ -67,9 +68,22 @@ def new_root_key() -> str:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1: one of MC_PORT_RANGE ("56400-56499") when
+    that is set, so that runs sharing a machine stay in their own ranges;
+    otherwise whichever the OS hands out."""
+    spec = os.environ.get("MC_PORT_RANGE")
+    candidates = [0]
+    if spec:
+        low, high = (int(x) for x in spec.split("-"))
+        candidates = random.sample(range(low, high + 1), high - low + 1)
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in MC_PORT_RANGE={spec}")
 
 
 def _server_ids():
@@ -134,6 +148,7 @@ class Cluster:
         root_key: str | None = None,
         root_key_command: str | None = None,
         settings: dict | None = None,
+        server_env: dict | None = None,
         start: bool = True,
         _init: bool = True,
     ):
@@ -149,6 +164,9 @@ class Cluster:
         self.host = str(self.dir)
         self.settings: dict = {}
         self.root_key = root_key
+        # Environment variables the server gets on top of ours (it inherits
+        # the environment of the pg_ctl that starts it).
+        self.server_env = dict(server_env or {})
         self._running = False
         if not _init:
             return
@@ -231,7 +249,8 @@ class Cluster:
     # ---- control -------------------------------------------------------------
 
     def pg_ctl(self, *args, check=True):
-        r = as_server([pg_bin("pg_ctl"), "-D", str(self.data), *args])
+        env = {**os.environ, **self.server_env}
+        r = as_server([pg_bin("pg_ctl"), "-D", str(self.data), *args], env=env)
         if check and r.returncode != 0:
             raise RuntimeError(
                 f"pg_ctl {' '.join(args)} failed: {r.stderr[-1000:]}\n{self.log_tail()}"
@@ -310,6 +329,14 @@ class Cluster:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def server_environ(self) -> dict:
+        """The environment of the running postmaster, as the OS reports it."""
+        pid = (self.data / "postmaster.pid").read_text().splitlines()[0].strip()
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+        return dict(
+            item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item
+        )
 
     def log_tail(self, n=30) -> str:
         return "\n".join(self.log_text().splitlines()[-n:])
