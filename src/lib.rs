@@ -57,6 +57,8 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // First: no message of ours carries a Rust backtrace or location.
+    pg::report::install();
     keys::rootkey::register_settings();
     keys::cache::register_callback();
 }

@@ -19,6 +19,7 @@ use super::store::{self, KeyLock, Status};
 use super::usage;
 use super::wrapping::insert_key;
 use crate::error::{not_null, McError, McResult, OrRaise};
+use crate::pg::report::notice;
 use crate::pg::security::{caller_name, run_as, Identity};
 use crate::pg::xact::refuse_during_recovery;
 
@@ -168,7 +169,7 @@ fn revoke_key(key_id: i32, force: default!(bool, false)) {
         |role, key| {
             match key.status {
                 Status::Revoked => {
-                    notice!("key {key_id} is already revoked");
+                    notice(format!("key {key_id} is already revoked"));
                     return Ok(());
                 }
                 Status::Destroyed => {
@@ -226,7 +227,7 @@ fn destroy_key(key_id: i32, force: default!(bool, false)) {
         |role, key| {
             match key.status {
                 Status::Destroyed => {
-                    notice!("key {key_id} is already destroyed");
+                    notice(format!("key {key_id} is already destroyed"));
                     return Ok(());
                 }
                 Status::Revoked => {}
@@ -285,7 +286,9 @@ fn import_fernet(keyring: &str, key: &FernetKey, role: &str) -> McResult<i32> {
     if let Ok(existing) = cache::fernet_keys(keyring) {
         let same = |k: &FernetKey| k.as_key32().as_bytes() == key.as_key32().as_bytes();
         if let Some((dup, _)) = existing.iter().find(|(_, k)| same(k)) {
-            notice!("this Fernet key is already in keyring \"{keyring}\" as key {dup}");
+            notice(format!(
+                "this Fernet key is already in keyring \"{keyring}\" as key {dup}"
+            ));
             return Ok(*dup as i32);
         }
     }

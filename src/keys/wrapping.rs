@@ -19,6 +19,7 @@ use super::cache;
 use super::rootkey::{self, RootKey};
 use super::store::{self, NewKey, Status};
 use crate::error::{McError, McResult, OrRaise};
+use crate::pg::report::notice;
 use crate::pg::security::{caller_name, run_as, Identity};
 use crate::pg::xact::refuse_during_recovery;
 
@@ -71,10 +72,10 @@ fn rewrap_all(role: &str) -> McResult<i32> {
     let current = rootkey::current()?;
     let from = rootkey::effective_root()?;
     if from.fingerprint == current.fingerprint {
-        notice!(
+        notice(format!(
             "all data keys are already wrapped under the current root key ({})",
             current.fingerprint
-        );
+        ));
         return Ok(0);
     }
     // The check value first: this row lock orders us after any transaction

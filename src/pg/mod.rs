@@ -7,10 +7,13 @@
 //! - [`guc`]: function-local settings;
 //! - [`xact`]: transaction-state checks (standby, transaction block);
 //! - [`datum`]: return types pgrx does not provide (the domain, wiped
-//!   plaintext buffers).
+//!   plaintext buffers);
+//! - [`report`]: how errors and notices reach PostgreSQL: no Rust backtrace
+//!   or source location, PostgreSQL's own errors with all their fields.
 
 pub mod datum;
 pub mod guc;
+pub mod report;
 pub mod security;
 pub mod spi;
 pub mod xact;
