@@ -227,6 +227,11 @@ impl McError {
     }
 
     /// Raises the error as a PostgreSQL ERROR. Never returns.
+    ///
+    /// pgrx's `ErrorReport` records this call site and unwinds as a panic;
+    /// the panic hook of `pg::report` (installed in `_PG_init`) drops the
+    /// call site, so the client and the log get the SQLSTATE, message,
+    /// DETAIL and HINT with no source location and no backtrace.
     pub fn raise(self) -> ! {
         let code = self.code();
         let (message, detail, hint) = self.parts();

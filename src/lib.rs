@@ -57,7 +57,13 @@ extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // First: no message of ours carries a Rust backtrace or location.
+    pg::report::install();
     keys::rootkey::register_settings();
+    // A typo in a setting name (manna_crypt.root_key_flie) is an error, not
+    // a silently accepted placeholder.
+    // SAFETY: a NUL-terminated prefix; PostgreSQL copies it.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"manna_crypt".as_ptr()) };
     keys::cache::register_callback();
 }
 

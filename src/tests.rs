@@ -367,3 +367,59 @@ fn identities_switch_and_restore() {
     });
     assert_eq!(path.ok().flatten().as_deref(), Some("pg_catalog, pg_temp"));
 }
+
+/// Test-only entry points into the error paths of `pg::report`.
+#[pg_extern]
+fn mc_test_panic() {
+    panic!("a test panic");
+}
+
+#[pg_extern]
+fn mc_test_spi(sql: &str) {
+    use crate::error::OrRaise;
+    crate::pg::spi::run(sql, &[]).or_raise()
+}
+
+/// Everything PL/pgSQL sees of the error a statement raises, '|'-separated:
+/// SQLSTATE, message, detail, constraint, table, schema, context.
+fn diagnostics_of(query: &str) -> String {
+    Spi::run(
+        "CREATE OR REPLACE FUNCTION pg_temp.diag_of(q text) RETURNS text \
+         LANGUAGE plpgsql AS $f$ DECLARE s text; m text; d text; n text; t text; \
+         sc text; c text; BEGIN EXECUTE q; RETURN 'ok'; EXCEPTION WHEN OTHERS THEN \
+         GET STACKED DIAGNOSTICS s = RETURNED_SQLSTATE, m = MESSAGE_TEXT, \
+         d = PG_EXCEPTION_DETAIL, n = CONSTRAINT_NAME, t = TABLE_NAME, \
+         sc = SCHEMA_NAME, c = PG_EXCEPTION_CONTEXT; \
+         RETURN concat_ws('|', s, m, d, n, t, sc, c); END $f$",
+    )
+    .expect("helper");
+    Spi::get_one_with_args::<String>("SELECT pg_temp.diag_of($1)", &[query.into()])
+        .expect("helper call")
+        .expect("non-null diagnostics")
+}
+
+/// A Rust panic (a bug) is a plain XX000 with the panic's message: no
+/// DETAIL (pgrx put a backtrace there under RUST_BACKTRACE) and no Rust in
+/// the context.
+#[pg_test]
+fn a_panic_is_a_clean_internal_error() {
+    let got = diagnostics_of("SELECT tests.mc_test_panic()");
+    assert!(got.starts_with("XX000|a test panic|||||"), "{got}");
+    assert!(!got.contains(".rs") && !got.contains("backtrace"), "{got}");
+}
+
+/// A PostgreSQL error inside our SPI statement reaches a PL/pgSQL handler
+/// with its constraint, table and schema, and the statement as context.
+#[pg_test]
+fn an_error_inside_our_statement_keeps_its_fields() {
+    Spi::run("CREATE TABLE public.mc_uniq (x int CONSTRAINT mc_uniq_x UNIQUE)").expect("table");
+    Spi::run("INSERT INTO public.mc_uniq VALUES (1)").expect("row");
+    let got = diagnostics_of(
+        "SELECT tests.mc_test_spi('INSERT INTO public.mc_uniq VALUES (1)')",
+    );
+    let want = "23505|duplicate key value violates unique constraint \"mc_uniq_x\"\
+                |Key (x)=(1) already exists.|mc_uniq_x|mc_uniq|public\
+                |SQL statement \"INSERT INTO public.mc_uniq VALUES (1)\"";
+    assert!(got.starts_with(want), "{got}");
+    assert!(!got.contains(".rs") && !got.contains("backtrace"), "{got}");
+}

@@ -20,6 +20,7 @@ use super::store::{self, KeyLock, Status};
 use super::usage;
 use super::wrapping::{insert_key, NewVersion};
 use crate::error::{not_null, McError, McResult, OrRaise};
+use crate::pg::report::notice;
 use crate::pg::security::{caller_name, run_as, Identity};
 use crate::pg::xact::refuse_during_recovery;
 
@@ -212,7 +213,7 @@ fn revoke_key(key_id: Option<i32>, force: default!(Option<bool>, false)) {
         |role, key| {
             match key.status {
                 Status::Revoked => {
-                    notice!("key {key_id} is already revoked");
+                    notice(format!("key {key_id} is already revoked"));
                     return Ok(());
                 }
                 Status::Destroyed => {
@@ -272,7 +273,7 @@ fn destroy_key(key_id: Option<i32>, force: default!(Option<bool>, false)) {
         |role, key| {
             match key.status {
                 Status::Destroyed => {
-                    notice!("key {key_id} is already destroyed");
+                    notice(format!("key {key_id} is already destroyed"));
                     return Ok(());
                 }
                 Status::Revoked => {}
@@ -333,7 +334,9 @@ pub(super) fn import_fernet(keyring: &str, key: &FernetKey, role: &str) -> McRes
     if let Ok(existing) = cache::fernet_keys(keyring) {
         let same = |k: &FernetKey| k.as_key32().as_bytes() == key.as_key32().as_bytes();
         if let Some((dup, _)) = existing.iter().find(|(_, k)| same(k)) {
-            notice!("this Fernet key is already in keyring \"{keyring}\" as key {dup}");
+            notice(format!(
+                "this Fernet key is already in keyring \"{keyring}\" as key {dup}"
+            ));
             return Ok(*dup as i32);
         }
     }

@@ -21,6 +21,7 @@ use super::rootkey::{self, RootKey};
 use super::rootstatus;
 use super::store::{self, NewKey, Status};
 use crate::error::{McError, McResult, OrRaise};
+use crate::pg::report::notice;
 use crate::pg::security::{caller_name, run_as, Identity};
 use crate::pg::xact::refuse_during_recovery;
 
@@ -102,10 +103,10 @@ fn rewrap_all(role: &str) -> McResult<i32> {
         .filter(|r| root_changes || !keywrap::is_current(&r.wrapped))
         .collect();
     if rows.is_empty() {
-        notice!(
+        notice(format!(
             "all data keys are already wrapped under the current root key ({})",
             current.fingerprint
-        );
+        ));
         return Ok(0);
     }
     let mut nonces = NonceSource::new();

@@ -11,12 +11,15 @@
 //! - [`subxact`]: work in a subtransaction, rolled back on a row's error;
 //! - [`xact`]: transaction-state checks (standby, transaction block);
 //! - [`datum`]: return types pgrx does not provide (the domain, wiped
-//!   plaintext buffers).
+//!   plaintext buffers);
+//! - [`report`]: how errors and notices reach PostgreSQL: no Rust backtrace
+//!   or source location, PostgreSQL's own errors with all their fields.
 
 pub mod datum;
 pub mod guc;
 pub mod interrupt;
 pub mod locks;
+pub mod report;
 pub mod security;
 pub mod spi;
 pub mod subxact;

@@ -37,6 +37,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use super::guc::GucNest;
+use super::report::Capture;
 use crate::error::{McError, McResult};
 
 /// An argument of a statement: `value.into()` for any SQL-convertible value.
@@ -143,15 +144,19 @@ fn execute<T>(
         // it, on this connection.
         unsafe {
             pg_sys::SPI_tuptable = std::ptr::null_mut();
-            let status = pg_sys::SPI_execute_with_args(
-                sql.as_ptr(),
-                args.len() as i32,
-                types.as_mut_ptr(),
-                values.as_mut_ptr(),
-                nulls.as_ptr(),
-                mode.spi_read_only(),
-                0,
-            );
+            let status = {
+                // An ERROR in the statement keeps all its fields (report.rs).
+                let _capture = Capture::start();
+                pg_sys::SPI_execute_with_args(
+                    sql.as_ptr(),
+                    args.len() as i32,
+                    types.as_mut_ptr(),
+                    values.as_mut_ptr(),
+                    nulls.as_ptr(),
+                    mode.spi_read_only(),
+                    0,
+                )
+            };
             if status < 0 {
                 return Err(internal(&format!("statement failed with status {status}")));
             }

@@ -81,10 +81,13 @@ pub fn attempt<T>(f: impl FnOnce() -> T) -> Result<T, Failed> {
             CaughtError::RustPanic { .. } => None,
         };
         match report {
-            Some(r) if !must_propagate(r.sql_error_code()) => Err(Failed {
-                code: r.sql_error_code(),
-                message: r.message().to_owned(),
-            }),
+            Some(r) if !must_propagate(r.sql_error_code()) => {
+                super::report::handled();
+                Err(Failed {
+                    code: r.sql_error_code(),
+                    message: r.message().to_owned(),
+                })
+            }
             _ => caught.rethrow(),
         }
     })

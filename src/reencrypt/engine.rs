@@ -42,6 +42,7 @@ use crate::error::{not_null, McError, McResult, OrRaise};
 use crate::keys::{cache, usage};
 use crate::locking::advisory;
 use crate::pg::datum::Regclass;
+use crate::pg::report::notice;
 use crate::pg::security::{run_as, Identity};
 use crate::pg::spi::{self, Mode as Access};
 use crate::pg::xact::in_transaction_block;
@@ -298,13 +299,13 @@ fn step_run(run: &mut Run) -> McResult<bool> {
         Err(failed) => {
             // One row (or more) cannot be written: retry these blocks row
             // by row, a few rows per transaction, from the next step on.
-            notice!(
+            notice(format!(
                 "{} {}.{}: a batch failed ({}); retrying its rows one by one",
                 run.mode.name(),
                 run.tbl_sql,
                 run.col,
                 failed.message.chars().take(120).collect::<String>()
-            );
+            ));
             let rows = batch::candidates(run, first, end)?;
             run.row_mode = Some(RowMode {
                 end_block: end,

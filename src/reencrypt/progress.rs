@@ -6,7 +6,6 @@
 //! are the owner's, and callers only read them.
 
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 use serde_json::json;
 
 use super::batch::Failure;
@@ -14,6 +13,7 @@ use super::convert::Mode;
 use super::run::{Counts, Run};
 use crate::error::McResult;
 use crate::keys::store;
+use crate::pg::report::notice;
 use crate::pg::security::{caller_name, run_as, Identity};
 use crate::pg::spi::{self, Mode as Access};
 
@@ -117,12 +117,12 @@ pub fn open(req: &Request<'_>) -> McResult<Start> {
                 && tgt == req.mode.target()
                 && aad.as_deref() == req.aad_column;
             if same {
-                notice!(
+                notice(format!(
                     "{}: resuming run {run_id} of {}.{} at block {next_block} (pass {pass})",
                     req.mode.name(),
                     req.tbl_sql,
                     req.col
-                );
+                ));
                 spi::run(CLAIM, &[run_id.into()])?;
                 start = Some(Start {
                     id: run_id,
@@ -245,7 +245,7 @@ pub fn close(run: &Run, c: &Counts, seconds: f64) -> McResult<()> {
 
 /// The NOTICE after each batch.
 pub fn notice_batch(run: &Run) {
-    notice!(
+    notice(format!(
         "{}{} {}.{}: pass {}, {:.0}% of ~{} rows, {} to convert seen, {} converted, \
          {} failed, {:.0} rows/s, ETA {:.1} s",
         if run.dry_run { "dry run: " } else { "" },
@@ -264,24 +264,24 @@ pub fn notice_batch(run: &Run) {
         run.pass_counts.failed,
         run.rate(),
         run.eta()
-    );
+    ));
 }
 
 /// The NOTICE when a re-check pass begins.
 pub fn notice_new_pass(run: &Run) {
-    notice!(
+    notice(format!(
         "{} {}.{}: pass {}: re-checking for rows that concurrent writers changed",
         run.mode.name(),
         run.tbl_sql,
         run.col,
         run.pass
-    );
+    ));
 }
 
 /// The closing NOTICE.
 pub fn notice_finish(run: &Run, c: &Counts, seconds: f64) {
     if run.dry_run {
-        notice!(
+        notice(format!(
             "dry run: {} {}.{} would convert {} values; {} cannot be converted; \
              {} already in target form; {} null; {} under other keyrings; nothing was written",
             run.mode.name(),
@@ -292,9 +292,9 @@ pub fn notice_finish(run: &Run, c: &Counts, seconds: f64) {
             c.already,
             c.nulls,
             c.other_keyring
-        );
+        ));
     } else {
-        notice!(
+        notice(format!(
             "{} {}.{} done in {:.1} s ({} pass{}): {} converted, {} left untouched \
              (see manna_crypt.reencrypt_failures, run {}), {} already in target form, \
              {} null, {} under other keyrings",
@@ -310,6 +310,6 @@ pub fn notice_finish(run: &Run, c: &Counts, seconds: f64) {
             c.already,
             c.nulls,
             c.other_keyring
-        );
+        ));
     }
 }

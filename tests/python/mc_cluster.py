@@ -149,6 +149,7 @@ class Cluster:
         root_key: str | None = None,
         root_key_command: str | None = None,
         settings: dict | None = None,
+        server_env: dict | None = None,
         start: bool = True,
         _init: bool = True,
     ):
@@ -164,6 +165,9 @@ class Cluster:
         self.host = str(self.dir)
         self.settings: dict = {}
         self.root_key = root_key
+        # Environment variables the server gets on top of ours (it inherits
+        # the environment of the pg_ctl that starts it).
+        self.server_env = dict(server_env or {})
         self._running = False
         if not _init:
             return
@@ -246,7 +250,8 @@ class Cluster:
     # ---- control -------------------------------------------------------------
 
     def pg_ctl(self, *args, check=True):
-        r = as_server([pg_bin("pg_ctl"), "-D", str(self.data), *args])
+        env = {**os.environ, **self.server_env}
+        r = as_server([pg_bin("pg_ctl"), "-D", str(self.data), *args], env=env)
         if check and r.returncode != 0:
             raise RuntimeError(
                 f"pg_ctl {' '.join(args)} failed: {r.stderr[-1000:]}\n{self.log_tail()}"
@@ -325,6 +330,14 @@ class Cluster:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def server_environ(self) -> dict:
+        """The environment of the running postmaster, as the OS reports it."""
+        pid = (self.data / "postmaster.pid").read_text().splitlines()[0].strip()
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+        return dict(
+            item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item
+        )
 
     def log_tail(self, n=30) -> str:
         return "\n".join(self.log_text().splitlines()[-n:])

@@ -342,3 +342,8 @@ def test_an_overlong_keyring_name_is_not_echoed(conn):
         except psycopg.Error as e:
             assert e.sqlstate == "22023", sql
             assert "aaaaaaaaaa" not in str(e) + (e.diag.message_detail or "") + (e.diag.message_hint or "")
+
+
+def test_the_setting_prefix_is_reserved(conn):
+    """A typo in a manna_crypt setting is refused, not kept as a placeholder."""
+    assert sqlstate(conn, "SET manna_crypt.root_key_flie = '/tmp/x'") == "42704"

@@ -136,6 +136,14 @@ def test_a_failing_row_is_recorded_and_skipped(db):
             "SELECT status, failed FROM manna_crypt.reencrypt_runs ORDER BY run_id DESC LIMIT 1"
         ).fetchone()
         assert (status, failed) == ("done", 1)
+        # The row's error was handled: a later error of the same kind in this
+        # session is reported as itself, not as the handled one.
+        try:
+            c.execute("INSERT INTO t VALUES (999, repeat('z', 200))")
+            raise AssertionError("the CHECK let a long value in")
+        except psycopg.Error as e:
+            assert e.sqlstate == "23514"
+            assert "999" in (e.diag.message_detail or "")
 
 
 def test_a_cancelled_run_releases_its_lock_for_any_session(db):
