@@ -346,4 +346,4 @@ def test_an_overlong_keyring_name_is_not_echoed(conn):
 
 def test_the_setting_prefix_is_reserved(conn):
     """A typo in a manna_crypt setting is refused, not kept as a placeholder."""
-    assert sqlstate(conn, "SET manna_crypt.root_key_flie = '/tmp/x'") == "42704"
+    assert sqlstate(conn, "SET manna_crypt.root_key_flie = '/tmp/x'") == "42602"
