@@ -22,7 +22,9 @@ pub struct Failed {
 }
 
 /// Errors that must end the whole statement, never be absorbed: a cancel,
-/// a timeout, a shutdown, and internal or resource failures.
+/// a timeout, a shutdown, internal or resource failures, and a missing
+/// privilege (row-level security that FORCE applies to the owner, say),
+/// which no other row would escape either.
 fn must_propagate(code: PgSqlErrorCode) -> bool {
     use PgSqlErrorCode::*;
     matches!(
@@ -38,6 +40,7 @@ fn must_propagate(code: PgSqlErrorCode) -> bool {
             | ERRCODE_T_R_DEADLOCK_DETECTED
             | ERRCODE_T_R_SERIALIZATION_FAILURE
             | ERRCODE_LOCK_NOT_AVAILABLE
+            | ERRCODE_INSUFFICIENT_PRIVILEGE
     )
 }
 
