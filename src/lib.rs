@@ -38,7 +38,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/locking.sql",
     name = "locking",
-    requires = [locking::optimistic::version_bump]
+    requires = ["version_bump_fn"]
 );
 extension_sql_file!(
     "../sql/reencrypt.sql",

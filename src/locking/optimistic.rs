@@ -123,13 +123,54 @@ const HINT: &str = "use: CREATE TRIGGER ... BEFORE INSERT OR UPDATE ON tbl FOR E
     EXECUTE FUNCTION manna_crypt.version_bump('version'), \
     or manna_crypt.enable_optimistic_locking(tbl)";
 
-#[pg_trigger]
-fn version_bump<'a>(
-    trigger: &'a PgTrigger<'a>,
-) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, McError> {
-    // Errors are raised here with their own SQLSTATE: an `Err` returned to
-    // pgrx's trigger wrapper would surface as XX000.
-    Ok(bump(trigger).or_raise())
+// `version_bump()` is written by hand rather than with `#[pg_trigger]`: that
+// wrapper fails a call that is not a trigger's with pgrx's XX000
+// ("PgTrigger::from_fcinfo failed"). The C symbol and the SQL are exactly
+// those `#[pg_trigger]` produced in 0.1.0, so existing catalogs and
+// triggers call it unchanged.
+extension_sql!(
+    r#"CREATE FUNCTION manna_crypt."version_bump"() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'version_bump_wrapper';"#,
+    name = "version_bump_fn",
+);
+
+/// The function-manager record PostgreSQL asks for: version-1 calling
+/// convention.
+#[no_mangle]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_version_bump_wrapper() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+/// The trigger's entry point. Errors are raised with their own SQLSTATE.
+///
+/// # Safety
+/// Called by PostgreSQL's function manager with a valid `fcinfo`.
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn version_bump_wrapper(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    // SAFETY: the function manager passes a valid pointer.
+    let Some(fcinfo) = (unsafe { fcinfo.as_ref() }) else {
+        return pg_sys::Datum::from(0);
+    };
+    // SAFETY: from_fcinfo itself checks that this is a trigger's call.
+    let trigger = match unsafe { PgTrigger::from_fcinfo(fcinfo) } {
+        Ok(trigger) => trigger,
+        Err(_) => McError::TriggerMisuse {
+            message: "version_bump() can only be called as a trigger".into(),
+            hint: HINT.into(),
+        }
+        .raise(),
+    };
+    // The trigger protocol: a NULL pointer for "no row", not the isnull flag.
+    let datum = match bump(&trigger).or_raise() {
+        Some(tuple) => tuple.into_trigger_datum().unwrap_or(pg_sys::Datum::from(0)),
+        None => pg_sys::Datum::from(0),
+    };
+    datum
 }
 
 fn misuse(trigger: &PgTrigger<'_>, what: &str) -> McError {
@@ -208,7 +249,7 @@ fn is_update(trigger: &PgTrigger<'_>) -> McResult<bool> {
     }
 }
 
-fn bump<'a>(trigger: &'a PgTrigger<'a>) -> McResult<Option<PgHeapTuple<'a, AllocatedByPostgres>>> {
+fn bump<'t>(trigger: &'t PgTrigger<'_>) -> McResult<Option<PgHeapTuple<'t, AllocatedByPostgres>>> {
     let is_update = is_update(trigger)?;
     let td = trigger.trigger_data();
     let col = version_column(td)?;

@@ -347,3 +347,8 @@ def test_an_overlong_keyring_name_is_not_echoed(conn):
 def test_the_setting_prefix_is_reserved(conn):
     """A typo in a manna_crypt setting is refused, not kept as a placeholder."""
     assert sqlstate(conn, "SET manna_crypt.root_key_flie = '/tmp/x'") == "42602"
+
+
+def test_trigger_function_called_directly_is_39P01(conn):
+    """Not pgrx's XX000 "PgTrigger::from_fcinfo failed"."""
+    assert sqlstate(conn, "SELECT manna_crypt.version_bump()") == "39P01"
