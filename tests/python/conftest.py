@@ -23,6 +23,22 @@ def dsn(dbname, host=None, port=None, **extra):
     return " ".join(f"{k}={v}" for k, v in parts.items())
 
 
+def sqlstate(conn, sql, params=None):
+    """The SQLSTATE a statement fails with, or "ok"."""
+    try:
+        conn.execute(sql, params)
+    except psycopg.Error as e:
+        return e.sqlstate
+    return "ok"
+
+
+def new_role(conn, *options):
+    """A new LOGIN role with a random name (and the given options)."""
+    name = "r_" + uuid.uuid4().hex[:10]
+    conn.execute(f'CREATE ROLE "{name}" LOGIN {" ".join(options)}')
+    return name
+
+
 def connect(dbname, autocommit=True, **kw):
     return psycopg.connect(dsn(dbname, **kw), autocommit=autocommit)
 

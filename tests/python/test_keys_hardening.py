@@ -14,7 +14,6 @@
 """
 
 import os
-import threading
 import uuid
 
 import psycopg
@@ -22,22 +21,8 @@ import pytest
 from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from conftest import connect
-from mc_cluster import Cluster, as_server, new_root_key
-
-
-def sqlstate(conn, sql, params=None):
-    try:
-        conn.execute(sql, params)
-    except psycopg.Error as e:
-        return e.sqlstate
-    return "ok"
-
-
-def role(conn, *options):
-    name = "r_" + uuid.uuid4().hex[:10]
-    conn.execute(f'CREATE ROLE "{name}" LOGIN {" ".join(options)}')
-    return name
+from conftest import connect, new_role as role, sqlstate
+from mc_cluster import Cluster, new_root_key
 
 
 def test_counting_runs_no_policy_of_another_role(fresh_db):
@@ -52,7 +37,7 @@ def test_counting_runs_no_policy_of_another_role(fresh_db):
             m.execute("CREATE TABLE public.m_items (id int, s text)")
             m.execute("INSERT INTO public.m_items VALUES (1, 'x')")
             m.execute("CREATE TABLE public.m_loot (who text, what text)")
-            m.execute(f'GRANT INSERT ON public.m_loot TO PUBLIC')
+            m.execute('GRANT INSERT ON public.m_loot TO PUBLIC')
             m.execute(
                 """CREATE FUNCTION public.m_pol() RETURNS boolean LANGUAGE plpgsql AS $$
                 BEGIN
@@ -169,7 +154,7 @@ def test_counting_fails_closed_when_the_owner_is_no_superuser(fresh_db):
         c.execute("SELECT manna_crypt.create_keyring('fc')")
         key = c.execute("SELECT key_id FROM manna_crypt.keys WHERE keyring = 'fc'").fetchone()[0]
         owner = role(c, "SUPERUSER")
-        c.execute(f'UPDATE pg_extension SET extowner = (SELECT oid FROM pg_roles WHERE rolname = %s) '
+        c.execute('UPDATE pg_extension SET extowner = (SELECT oid FROM pg_roles WHERE rolname = %s) '
                   "WHERE extname = 'manna_crypt'", (owner,))
         c.execute(f'ALTER ROLE "{owner}" NOSUPERUSER')
         try:

@@ -13,28 +13,10 @@
   table's OID is 42P01.
 """
 
-import threading
-import time
-import uuid
-
 import psycopg
 import pytest
 
-from conftest import connect
-
-
-def sqlstate(conn, sql, params=None):
-    try:
-        conn.execute(sql, params)
-    except psycopg.Error as e:
-        return e.sqlstate
-    return "ok"
-
-
-def role(conn, *options):
-    name = "r_" + uuid.uuid4().hex[:10]
-    conn.execute(f'CREATE ROLE "{name}" LOGIN {" ".join(options)}')
-    return name
+from conftest import connect, new_role as role, sqlstate
 
 
 @pytest.fixture
