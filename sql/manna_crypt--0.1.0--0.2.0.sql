@@ -1,0 +1,23 @@
+-- manna_crypt 0.1.0 -> 0.2.0, run by ALTER EXTENSION manna_crypt UPDATE
+-- (README, "Upgrading"). `cargo pgrx install` copies this file into the
+-- extension directory beside manna_crypt--0.2.0.sql.
+--
+-- What goes here: every change of the SQL surface between the releases, so
+-- that an upgraded database ends with exactly the catalog of a fresh
+-- CREATE EXTENSION (tests/python/test_upgrade.py compares the two catalog
+-- snapshots). Rules:
+--   * Never DROP a function, type or table that users' objects can depend
+--     on (CHECKs, views, index expressions, triggers, columns of the
+--     encrypted_text domain): the DROP fails, or CASCADE destroys user
+--     objects. Change a function with CREATE OR REPLACE; add a new one
+--     beside the old, keeping the old Rust symbol (the 0.1.0 catalog
+--     calls it until this script has run).
+--   * Key tables are altered in place, never dropped and recreated: their
+--     rows are the only copy of the wrapped keys.
+--   * Schema-qualify everything (manna_crypt., pg_catalog.), as the other
+--     scripts do: the catalog must not depend on the search_path in force.
+--   * New objects get their GRANT and COMMENT here as in sql/finalize.sql.
+--
+-- The SQL surface of 0.2.0 is so far the one of 0.1.0: no statements yet.
+
+\echo Use "ALTER EXTENSION manna_crypt UPDATE" to load this file. \quit
