@@ -18,6 +18,263 @@
 --     scripts do: the catalog must not depend on the search_path in force.
 --   * New objects get their GRANT and COMMENT here as in sql/finalize.sql.
 --
--- The SQL surface of 0.2.0 is so far the one of 0.1.0: no statements yet.
 
 \echo Use "ALTER EXTENSION manna_crypt UPDATE" to load this file. \quit
+
+-- ===========================================================================
+-- Functions defined in SQL: a fixed search_path, the committing procedure's
+-- body fully qualified, NULL/empty arguments 22023, and a sql_drop event
+-- trigger that forgets dropped tables and columns. The bodies are copies of
+-- sql/keys.sql, sql/locking.sql and sql/reencrypt.sql; CREATE OR REPLACE
+-- keeps each function's oid, owner, grants and comment, so users' triggers,
+-- views and functions that depend on them stay intact.
+-- ===========================================================================
+
+-- sql/keys.sql
+CREATE OR REPLACE FUNCTION manna_crypt._keys_changed() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS
+$$
+BEGIN
+    PERFORM manna_crypt._invalidate_key_cache();
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION manna_crypt._audit_log_append_only() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS
+$$
+BEGIN
+    RAISE EXCEPTION 'manna_crypt.audit_log is append-only'
+        USING ERRCODE = '42501', HINT = 'audit entries cannot be changed or deleted';
+END
+$$;
+
+-- sql/locking.sql
+CREATE OR REPLACE FUNCTION manna_crypt.enable_optimistic_locking(tbl regclass, col name DEFAULT 'version')
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS
+$$
+DECLARE
+    typ pg_catalog.regtype;
+BEGIN
+    -- Bad arguments (22023), not the syntax error format() would make of them.
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'tbl must not be null' USING ERRCODE = '22023';
+    END IF;
+    IF col IS NULL OR col = '' THEN
+        RAISE EXCEPTION 'col must not be null or empty' USING ERRCODE = '22023',
+            HINT = 'name the version column, or leave it out for "version"';
+    END IF;
+    SELECT a.atttypid::pg_catalog.regtype INTO typ
+      FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        EXECUTE pg_catalog.format('ALTER TABLE %s ADD COLUMN %I pg_catalog.int8 NOT NULL DEFAULT 1', tbl, col);
+    ELSIF typ NOT IN ('pg_catalog.int2'::pg_catalog.regtype, 'pg_catalog.int4'::pg_catalog.regtype,
+                      'pg_catalog.int8'::pg_catalog.regtype) THEN
+        RAISE EXCEPTION 'version column "%" of table % is of type %, not an integer type', col, tbl, typ
+            USING ERRCODE = '42804', HINT = 'use a smallint, integer or bigint column';
+    END IF;
+    -- Idempotent: replace any earlier installation (perhaps for another column).
+    IF EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgrelid = tbl AND tgname = 'manna_crypt_optimistic_lock') THEN
+        EXECUTE pg_catalog.format('DROP TRIGGER manna_crypt_optimistic_lock ON %s', tbl);
+    END IF;
+    EXECUTE pg_catalog.format(
+        'CREATE TRIGGER manna_crypt_optimistic_lock BEFORE INSERT OR UPDATE ON %s '
+        'FOR EACH ROW EXECUTE FUNCTION manna_crypt.version_bump(%L)', tbl, col);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION manna_crypt.disable_optimistic_locking(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS
+$$
+BEGIN
+    -- The version column stays: it is data the application may still read.
+    IF EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgrelid = tbl AND tgname = 'manna_crypt_optimistic_lock') THEN
+        EXECUTE pg_catalog.format('DROP TRIGGER manna_crypt_optimistic_lock ON %s', tbl);
+    END IF;
+END
+$$;
+
+-- sql/reencrypt.sql
+CREATE OR REPLACE PROCEDURE manna_crypt._reencrypt_run(
+    mode text, tbl regclass, col name, source_keyring text, target_keyring text,
+    batch_size integer, aad_column name, dry_run boolean)
+LANGUAGE plpgsql AS
+$$
+DECLARE
+    h pg_catalog.int8;
+BEGIN
+    h := manna_crypt._reencrypt_start(mode, tbl, col, source_keyring, target_keyring, batch_size, aad_column, dry_run);
+    COMMIT;
+    WHILE manna_crypt._reencrypt_step(h) LOOP
+        COMMIT;
+    END LOOP;
+    PERFORM manna_crypt._reencrypt_finish(h);
+    COMMIT;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION manna_crypt.column_status(tbl regclass, col name)
+RETURNS TABLE (category text, key_id bigint, keyring text, key_status text, n bigint)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS
+$$
+BEGIN
+    -- Bad arguments (22023), not the syntax error format() would make of them.
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'tbl must not be null' USING ERRCODE = '22023';
+    END IF;
+    IF col IS NULL OR col = '' THEN
+        RAISE EXCEPTION 'col must not be null or empty' USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY EXECUTE pg_catalog.format(
+        'SELECT s.category, s.key_id, k.keyring, k.status, pg_catalog.count(*)
+           FROM (SELECT CASE WHEN v IS NULL THEN ''null'' ELSE manna_crypt.value_class(v) END AS category,
+                        CASE WHEN manna_crypt.is_encrypted(v) THEN manna_crypt.key_id(v) END AS key_id
+                   FROM (SELECT %I::pg_catalog.text AS v FROM %s) t) s
+           LEFT JOIN manna_crypt.keys k ON k.key_id = s.key_id
+          GROUP BY 1, 2, 3, 4
+          ORDER BY 1, 2', col, tbl);
+END
+$$;
+
+-- New: the event trigger that forgets dropped tables and columns
+-- (sql/reencrypt.sql argues why its SECURITY DEFINER is safe).
+CREATE FUNCTION manna_crypt._forget_dropped() RETURNS event_trigger
+    LANGUAGE plpgsql
+    SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS
+$$
+BEGIN
+    -- A dropped table is reported with objsubid 0, a dropped column as a
+    -- 'table column' with objsubid > 0 and its name last in address_names.
+    DELETE FROM manna_crypt.registered_columns r
+     USING pg_catalog.pg_event_trigger_dropped_objects() d
+     WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+       AND r.tbl OPERATOR(pg_catalog.=) d.objid
+       AND (d.objsubid OPERATOR(pg_catalog.=) 0
+            OR r.col OPERATOR(pg_catalog.=) d.address_names[pg_catalog.array_upper(d.address_names, 1)]);
+    UPDATE manna_crypt.reencrypt_runs r
+       SET status = 'abandoned', finished_at = pg_catalog.now()
+      FROM pg_catalog.pg_event_trigger_dropped_objects() d
+     WHERE r.status OPERATOR(pg_catalog.=) 'running'
+       AND d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+       AND r.tbl OPERATOR(pg_catalog.=) d.objid
+       AND (d.objsubid OPERATOR(pg_catalog.=) 0
+            OR r.col OPERATOR(pg_catalog.=) d.address_names[pg_catalog.array_upper(d.address_names, 1)]);
+END
+$$;
+CREATE EVENT TRIGGER manna_crypt_forget_dropped ON sql_drop
+    EXECUTE FUNCTION manna_crypt._forget_dropped();
+
+-- finalize.sql revokes EXECUTE on every routine from PUBLIC; a function
+-- created here needs it said again (and pg_init_privs then matches a fresh
+-- install's).
+REVOKE EXECUTE ON FUNCTION manna_crypt._forget_dropped() FROM PUBLIC;
+
+COMMENT ON FUNCTION manna_crypt._forget_dropped() IS 'internal: sql_drop event trigger forgetting registrations (and closing unfinished runs) of dropped tables and columns';
+COMMENT ON EVENT TRIGGER manna_crypt_forget_dropped IS 'forgets registered columns of dropped tables and columns';
+
+-- What 0.1.0 left behind: registrations of tables and columns dropped
+-- before the event trigger existed describe nothing (only a table that
+-- got the oid since, with a column of the same name, is indistinguishable
+-- and stays), and unfinished runs of those tables can never finish.
+DELETE FROM manna_crypt.registered_columns r
+ WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid OPERATOR(pg_catalog.=) r.tbl
+                      AND a.attname OPERATOR(pg_catalog.=) r.col
+                      AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped);
+UPDATE manna_crypt.reencrypt_runs r
+   SET status = 'abandoned', finished_at = pg_catalog.now()
+ WHERE r.status OPERATOR(pg_catalog.=) 'running'
+   AND NOT EXISTS (SELECT FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid OPERATOR(pg_catalog.=) r.tbl
+                      AND a.attname OPERATOR(pg_catalog.=) r.col
+                      AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped);
+
+-- ===========================================================================
+-- Functions defined in Rust.
+-- ===========================================================================
+-- ---------------------------------------------------------------------------
+-- Re-encryption: the per-row functions take the row's ctid and the batch's
+-- token; the batch runs as the table's owner, who executes them (PUBLIC).
+-- Internal functions no user object depends on: dropped and created anew.
+-- ---------------------------------------------------------------------------
+DROP FUNCTION manna_crypt._reencrypt_row(tid, text, text);
+CREATE FUNCTION manna_crypt._reencrypt_row(ctid tid, value text, aad text, token bigint)
+RETURNS boolean VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', '_reencrypt_convert_wrapper';
+DROP FUNCTION manna_crypt._reencrypt_value();
+CREATE FUNCTION manna_crypt._reencrypt_value(ctid tid, token bigint)
+RETURNS text VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', '_reencrypt_take_wrapper';
+GRANT EXECUTE ON FUNCTION
+    manna_crypt._reencrypt_row(tid, text, text, bigint),
+    manna_crypt._reencrypt_value(tid, bigint)
+  TO PUBLIC;
+COMMENT ON FUNCTION manna_crypt._reencrypt_row(tid, text, text, bigint) IS 'internal: convert one row inside a re-encryption batch, or record why not';
+COMMENT ON FUNCTION manna_crypt._reencrypt_value(tid, bigint) IS 'internal: the value _reencrypt_row produced for the row being updated';
+
+-- ---------------------------------------------------------------------------
+-- A NULL required argument is 22023, not a silent no-op: no longer STRICT.
+-- ---------------------------------------------------------------------------
+ALTER FUNCTION manna_crypt.rotate_keyring(text) CALLED ON NULL INPUT;
+ALTER FUNCTION manna_crypt.revoke_key(integer, boolean) CALLED ON NULL INPUT;
+ALTER FUNCTION manna_crypt.destroy_key(integer, boolean) CALLED ON NULL INPUT;
+ALTER FUNCTION manna_crypt.reinstate_key(integer) CALLED ON NULL INPUT;
+ALTER FUNCTION manna_crypt.import_fernet_key(text, text) CALLED ON NULL INPUT;
+ALTER FUNCTION manna_crypt.try_lock_xact(text) CALLED ON NULL INPUT;
+ALTER FUNCTION manna_crypt.try_lock_session(text) CALLED ON NULL INPUT;
+ALTER FUNCTION manna_crypt.unlock(text) CALLED ON NULL INPUT;
+ALTER FUNCTION manna_crypt.lock_holder(text) CALLED ON NULL INPUT;
+ALTER FUNCTION manna_crypt.register_column(regclass, text) CALLED ON NULL INPUT;
+ALTER FUNCTION manna_crypt.unregister_column(regclass, text) CALLED ON NULL INPUT;
+
+-- ---------------------------------------------------------------------------
+-- New functions.
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION manna_crypt._staged_secret() RETURNS bytea
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', '_staged_secret_wrapper';
+CREATE FUNCTION manna_crypt._fernet_key_signed(token text) RETURNS boolean
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', '_fernet_key_signed_wrapper';
+CREATE FUNCTION manna_crypt.import_fernet_key_file(keyring text, path text)
+RETURNS TABLE (line integer, key_id integer)
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'import_fernet_key_file_wrapper';
+CREATE FUNCTION manna_crypt.root_key_status()
+RETURNS TABLE (database text, wrapped_under text, status text)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'root_key_status_wrapper';
+REVOKE EXECUTE ON FUNCTION
+    manna_crypt._staged_secret(),
+    manna_crypt._fernet_key_signed(text),
+    manna_crypt.import_fernet_key_file(text, text),
+    manna_crypt.root_key_status()
+  FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    manna_crypt.import_fernet_key_file(text, text),
+    manna_crypt.root_key_status()
+  TO manna_crypt_admin;
+COMMENT ON FUNCTION manna_crypt._staged_secret() IS 'internal: the wrapped key or check value staged for manna_crypt''s own statement, so no key material is ever statement text or a parameter';
+COMMENT ON FUNCTION manna_crypt._fernet_key_signed(text) IS 'internal: whether the Fernet key being retired signed a token (its usage count)';
+COMMENT ON FUNCTION manna_crypt.import_fernet_key_file(text, text) IS 'import every Fernet key of a server file (one per line, primary first; the server OS user''s, mode 0600) into a Fernet keyring: the keys never pass through SQL text; needs pg_read_server_files';
+COMMENT ON FUNCTION manna_crypt.root_key_status() IS 'every database of the cluster and the root key its data keys are wrapped under: current, needs previous root key, another root key, no keys, or unknown';
+
+-- Keys wrapped by 0.1.0 (wrap version 1) stay readable; SELECT
+-- manna_crypt.rewrap_keys() rewrites them in version 2, which binds the
+-- keyring and the kind. Not done here: ALTER EXTENSION must not depend on
+-- the root key being reachable.
