@@ -2,6 +2,7 @@
 //!
 //! Layered bottom-up; a module calls only the ones listed before it:
 //!
+//! - [`staged`]: key material for our statements, never text or a parameter;
 //! - [`store`]: every statement on the key tables and the audit log;
 //! - [`root_command`]: running a root key command, bounded in time, output
 //!   and inherited descriptors (no SQL, no PostgreSQL);
@@ -30,6 +31,7 @@ pub mod root_source;
 pub mod rootkey;
 pub mod rootstatus;
 pub mod secret_file;
+pub mod staged;
 pub mod store;
 pub mod usage;
 pub mod wrapping;

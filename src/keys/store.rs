@@ -7,25 +7,16 @@
 //! parallel workers and on standbys); everything a lifecycle function reads
 //! while it writes uses the read-write path, so it sees its own writes.
 //!
-//! No key material — wrapped keys and check values included — ever appears
-//! in a statement's text or parameters: `auto_explain` with
-//! `log_nested_statements` and `log_verbose` prints a one-shot plan's
-//! constants (parameters are folded into them), and on 16+ its `Query
-//! Parameters:` too. So such a value is staged in backend memory and the
-//! statement reads it with `manna_crypt._staged_secret()`, a volatile
-//! function that is never folded into a plan: the log shows the call, never
-//! the value.
-
-use std::cell::RefCell;
+//! Wrapped keys and check values reach the statements through
+//! [`super::staged`], never as statement text or parameters.
 
 use pgrx::datum::Interval;
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 use pgrx::JsonB;
-use zeroize::Zeroizing;
 
 use manna_crypt_core::names::check_keyring_name;
 
+use super::staged::{run_with_secret, with_last};
 use crate::error::{McError, McResult};
 use crate::pg::spi::{self, Mode};
 
@@ -160,38 +151,6 @@ pub fn ring_key_ids(name: &str) -> McResult<Vec<u32>> {
 
 // ---- lifecycle (read-write) ----------------------------------------------
 
-thread_local! {
-    static STAGED: RefCell<Option<Zeroizing<Vec<u8>>>> = const { RefCell::new(None) };
-}
-
-/// Runs `f` with `secret` staged for `_staged_secret()`; the stage is empty
-/// again afterwards, whatever happened.
-fn with_staged<T>(secret: &[u8], f: impl FnOnce() -> McResult<T>) -> McResult<T> {
-    struct Unstage;
-    impl Drop for Unstage {
-        fn drop(&mut self) {
-            STAGED.with(|s| s.borrow_mut().take());
-        }
-    }
-    STAGED.with(|s| *s.borrow_mut() = Some(Zeroizing::new(secret.to_vec())));
-    let _unstage = Unstage;
-    f()
-}
-
-/// The value staged for the statement being run (taken: a second read in
-/// the same statement, or a call from anywhere else, is refused).
-#[pg_extern(volatile, parallel_unsafe)]
-fn _staged_secret() -> Vec<u8> {
-    match STAGED.with(|s| s.borrow_mut().take()) {
-        Some(v) => v.to_vec(),
-        None => McError::PermissionDenied {
-            message: "manna_crypt._staged_secret() is internal to manna_crypt".into(),
-            hint: "it serves manna_crypt's own statements on its key tables".into(),
-        }
-        .raise(),
-    }
-}
-
 const INSERT_CHECK: &str = "\
     INSERT INTO manna_crypt.root_key_check (check_value, fingerprint) \
     VALUES (manna_crypt._staged_secret(), $1) \
@@ -271,8 +230,8 @@ const AUDIT: &str = "\
 
 /// Stores the check value unless one is stored already.
 pub fn insert_check(check_value: &[u8], fingerprint: &str) -> McResult<()> {
-    with_staged(check_value, || {
-        spi::run(INSERT_CHECK, &[fingerprint.into()])
+    run_with_secret(INSERT_CHECK, check_value, |s| {
+        with_last(vec![fingerprint.into()], s)
     })
 }
 
@@ -283,8 +242,8 @@ pub fn lock_check() -> McResult<Option<StoredCheck>> {
 }
 
 pub fn replace_check(check_value: &[u8], fingerprint: &str) -> McResult<()> {
-    with_staged(check_value, || {
-        spi::run(REPLACE_CHECK, &[fingerprint.into()])
+    run_with_secret(REPLACE_CHECK, check_value, |s| {
+        with_last(vec![fingerprint.into()], s)
     })
 }
 
@@ -303,14 +262,16 @@ pub struct NewKey<'a> {
 }
 
 pub fn insert_key(k: NewKey<'_>) -> McResult<()> {
-    let args = [
-        k.key_id.into(),
-        k.keyring_id.into(),
-        k.version.into(),
-        k.status.as_str().into(),
-        k.root_fingerprint.into(),
-    ];
-    with_staged(&k.wrapped, || spi::run(INSERT_KEY, &args))
+    run_with_secret(INSERT_KEY, &k.wrapped, |s| {
+        let args = vec![
+            k.key_id.into(),
+            k.keyring_id.into(),
+            k.version.into(),
+            k.status.as_str().into(),
+            k.root_fingerprint.into(),
+        ];
+        with_last(args, s)
+    })
 }
 
 /// The new keyring's id, or `None` when the name is taken.
@@ -421,8 +382,9 @@ pub fn lock_all_wrapped() -> McResult<Vec<WrappedRow>> {
 }
 
 pub fn set_wrapped(key_id: i32, wrapped: &[u8], root_fingerprint: &str) -> McResult<()> {
-    let args = [key_id.into(), root_fingerprint.into()];
-    with_staged(wrapped, || spi::run(SET_WRAPPED, &args))
+    run_with_secret(SET_WRAPPED, wrapped, |s| {
+        with_last(vec![key_id.into(), root_fingerprint.into()], s)
+    })
 }
 
 /// Appends to the audit log, in the caller's transaction.
