@@ -34,7 +34,7 @@ PHASES=() PHASE="" PHASE_START=$SECONDS
 phase() {
     [ -z "$PHASE" ] || PHASES+=("$(printf '%6ds  %s' $((SECONDS - PHASE_START)) "$PHASE")")
     PHASE=$1 PHASE_START=$SECONDS
-    [ -z "$PHASE" ] || log "$PHASE"
+    [ -z "$PHASE" ] || log "$PHASE  [at ${SECONDS}s]"
 }
 summary() {
     phase ""
