@@ -7,15 +7,7 @@ import uuid
 import psycopg
 import pytest
 
-from conftest import connect
-
-
-def sqlstate(conn, sql, params=None):
-    try:
-        conn.execute(sql, params)
-    except psycopg.Error as e:
-        return e.sqlstate
-    return "ok"
+from conftest import connect, sqlstate
 
 
 @pytest.fixture
