@@ -4,7 +4,6 @@ re-encryption procedures, absurd lock timeouts, empty keyring names."""
 
 import uuid
 
-import psycopg
 import pytest
 
 from conftest import connect, sqlstate
