@@ -29,7 +29,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use super::convert::{convert, Keys, Mode, Outcome};
-use super::run::{Counts, Run};
+use super::run::{Candidate, Counts, Run};
 use crate::error::{McError, McResult};
 use crate::locking::optimistic::SuppressBump;
 use crate::pg::security::{run_as, Identity};
@@ -189,14 +189,6 @@ pub fn run_batch(
         Ok(result) => result.map(Ok),
         Err(failed) => Ok(Err(failed)),
     }
-}
-
-/// A candidate row for the row-by-row retry.
-pub struct Candidate {
-    pub ctid: String,
-    row_key: Option<String>,
-    class: String,
-    length: i64,
 }
 
 const CANDIDATES: &str = "\

@@ -57,7 +57,7 @@ pub struct Run {
 pub struct RowMode {
     /// The end of the failed batch's block range.
     pub end_block: i64,
-    pub rows: Vec<super::batch::Candidate>,
+    pub rows: Vec<Candidate>,
     /// How many of `rows` are done.
     pub done: usize,
 }
@@ -82,4 +82,13 @@ impl Run {
         let end = self.pass_end_block.max(1);
         self.next_block.min(end) as f64 / end as f64 * 100.0
     }
+}
+
+/// A row of a failed batch, to be retried on its own; what a failure
+/// record needs if it fails again (never the value).
+pub struct Candidate {
+    pub ctid: String,
+    pub row_key: Option<String>,
+    pub class: String,
+    pub length: i64,
 }
