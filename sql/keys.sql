@@ -7,8 +7,8 @@
 -- sql/locking.sql); both are statement-level or fire only on a refused
 -- write, so the SET clause costs no row.
 CREATE FUNCTION manna_crypt._keys_changed() RETURNS trigger
-    LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql
 AS
 $$
 BEGIN
@@ -25,8 +25,8 @@ CREATE TRIGGER invalidate_key_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
 
 -- The audit log only grows.
 CREATE FUNCTION manna_crypt._audit_log_append_only() RETURNS trigger
-    LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql
 AS
 $$
 BEGIN

@@ -8,8 +8,8 @@
 
 CREATE FUNCTION manna_crypt.enable_optimistic_locking(tbl regclass, col name DEFAULT 'version')
 RETURNS void
-LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
 AS
 $$
 DECLARE
@@ -45,8 +45,8 @@ $$;
 
 CREATE FUNCTION manna_crypt.disable_optimistic_locking(tbl regclass)
 RETURNS void
-LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
 AS
 $$
 BEGIN

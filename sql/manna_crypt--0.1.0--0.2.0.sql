@@ -32,8 +32,8 @@
 
 -- sql/keys.sql
 CREATE OR REPLACE FUNCTION manna_crypt._keys_changed() RETURNS trigger
-    LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql
 AS
 $$
 BEGIN
@@ -43,8 +43,8 @@ END
 $$;
 
 CREATE OR REPLACE FUNCTION manna_crypt._audit_log_append_only() RETURNS trigger
-    LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql
 AS
 $$
 BEGIN
@@ -56,8 +56,8 @@ $$;
 -- sql/locking.sql
 CREATE OR REPLACE FUNCTION manna_crypt.enable_optimistic_locking(tbl regclass, col name DEFAULT 'version')
 RETURNS void
-LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
 AS
 $$
 DECLARE
@@ -93,8 +93,8 @@ $$;
 
 CREATE OR REPLACE FUNCTION manna_crypt.disable_optimistic_locking(tbl regclass)
 RETURNS void
-LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql
 AS
 $$
 BEGIN
@@ -126,8 +126,8 @@ $$;
 
 CREATE OR REPLACE FUNCTION manna_crypt.column_status(tbl regclass, col name)
 RETURNS TABLE (category text, key_id bigint, keyring text, key_status text, n bigint)
-LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE
 AS
 $$
 BEGIN
@@ -152,9 +152,9 @@ $$;
 -- New: the event trigger that forgets dropped tables and columns
 -- (sql/reencrypt.sql argues why its SECURITY DEFINER is safe).
 CREATE FUNCTION manna_crypt._forget_dropped() RETURNS event_trigger
+    SET search_path = pg_catalog, pg_temp
     LANGUAGE plpgsql
     SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
 AS
 $$
 BEGIN

@@ -112,8 +112,8 @@ $$;
 -- search_path for itself and the query it builds (see sql/locking.sql).
 CREATE FUNCTION manna_crypt.column_status(tbl regclass, col name)
 RETURNS TABLE (category text, key_id bigint, keyring text, key_status text, n bigint)
-LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql STABLE
 AS
 $$
 BEGIN
@@ -158,9 +158,9 @@ $$;
 --     operators included.
 -- It fires for every DROP in the database, so it stays one statement each.
 CREATE FUNCTION manna_crypt._forget_dropped() RETURNS event_trigger
+    SET search_path = pg_catalog, pg_temp
     LANGUAGE plpgsql
     SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp
 AS
 $$
 BEGIN
