@@ -65,6 +65,9 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: a NUL-terminated prefix; PostgreSQL copies it.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"manna_crypt".as_ptr()) };
     keys::cache::register_callback();
+    // Shared memory exists only when preloaded; without it, root-key
+    // operations refuse with a HINT (see keys::rootshared).
+    pg::shmem::install(&[]);
 }
 
 // The backend tests live in src/tests.rs; `#[pg_schema]` needs an inline
