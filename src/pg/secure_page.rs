@@ -22,7 +22,6 @@ use std::ptr::NonNull;
 #[derive(Clone, Copy)]
 pub struct SecurePage {
     ptr: NonNull<u8>,
-    len: usize,
 }
 
 // SAFETY: a raw shared mapping; access is coordinated by the caller's locks.
@@ -69,14 +68,10 @@ impl SecurePage {
             }
         }
         let ptr = NonNull::new(ptr.cast::<u8>())?;
-        Some((SecurePage { ptr, len }, weak))
+        Some((SecurePage { ptr }, weak))
     }
 
     pub fn as_ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
     }
 }

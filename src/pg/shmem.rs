@@ -48,12 +48,13 @@ pub fn preloaded() -> bool {
     PRELOADED.load(Ordering::Relaxed)
 }
 
-/// Registers the parts and installs the hooks; does nothing unless called
-/// from `_PG_init` while `shared_preload_libraries` is being processed.
-pub fn install(parts: &'static [Part]) {
+/// Registers the parts and installs the hooks, and says whether it did:
+/// only when called from `_PG_init` while `shared_preload_libraries` is
+/// being processed (in the postmaster, or a single-user backend).
+pub fn install(parts: &'static [Part]) -> bool {
     // SAFETY: a plain read of a flag PostgreSQL sets around preloading.
     if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
-        return;
+        return false;
     }
     PARTS.with(|p| p.set(parts));
     PRELOADED.store(true, Ordering::Relaxed);
@@ -64,6 +65,7 @@ pub fn install(parts: &'static [Part]) {
         PREV_STARTUP = pg_sys::shmem_startup_hook;
         pg_sys::shmem_startup_hook = Some(on_startup);
     }
+    true
 }
 
 #[pg_guard]
@@ -131,16 +133,6 @@ impl Held {
     pub unsafe fn exclusive(lock: *mut pg_sys::LWLock) -> Held {
         // SAFETY: the caller's contract.
         unsafe { pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE) };
-        Held(lock)
-    }
-
-    /// As [`Held::exclusive`], shared.
-    ///
-    /// # Safety
-    /// As [`Held::exclusive`].
-    pub unsafe fn shared(lock: *mut pg_sys::LWLock) -> Held {
-        // SAFETY: the caller's contract.
-        unsafe { pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_SHARED) };
         Held(lock)
     }
 }
