@@ -6,6 +6,9 @@
 #
 # Sections: gcm - encrypt_gcm / decrypt_gcm (raw key and keyring) against
 #                 pgcrypto's encrypt()/decrypt() with AES-256-CBC
+#           migrate - migrate_fernet against the client-side way and a floor
+#           locking - the optimistic-locking trigger under pgbench
+#           orm - SQLAlchemy inserts through EncryptedText against plain Text
 #
 # Builds and installs the release build (scripts/setup.sh), then runs in a
 # throwaway cluster under target/bench (port 55480, or MC_BENCH_PORT) that is
@@ -23,7 +26,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 cd "$MC_ROOT"
 
-SECTIONS=(gcm migrate locking)
+SECTIONS=(gcm migrate locking orm)
 BENCH_DIR=${MC_BENCH_DIR:-$MC_ROOT/target/bench}
 BENCH_PORT=${MC_BENCH_PORT:-55480}
 ROWS=${MC_BENCH_ROWS:-1000000}
@@ -215,6 +218,17 @@ bench_migrate() {
 # scripts/bench_locking.sh).
 bench_locking() {
     "$MC_ROOT/scripts/bench_locking.sh"
+}
+
+# SQLAlchemy ORM: 10,000 session.add() + commit through EncryptedText (a
+# protect_column'd column) against a plain Text column, on the shared
+# cluster (scripts/bench_orm.py; MC_BENCH_ORM_ROWS, MC_BENCH_ORM_RUNS).
+bench_orm() {
+    ensure_venv
+    log "section orm: SQLAlchemy inserts, EncryptedText against Text"
+    "$MC_ROOT/target/venv/bin/python" "$MC_ROOT/scripts/bench_orm.py" \
+        "host=$BENCH_DIR port=$BENCH_PORT dbname=bench" "${MC_BENCH_ORM_ROWS:-10000}" "${MC_BENCH_ORM_RUNS:-5}"
+    echo "   (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
 }
 
 # ---- main ----------------------------------------------------------------------

@@ -167,6 +167,26 @@ ensure_venv() {
         "$venv/bin/pip" install -q -r "$req"
         touch "$venv/bin/pytest"
     fi
+    # The Python package of this repository (python/), editable so the tests
+    # always import python/src as it is. --no-build-isolation: the build
+    # backend (setuptools, in the requirements) comes from the venv, offline.
+    if ! (cd / && "$venv/bin/python" -c 'import manna_crypt.alembic' 2>/dev/null) \
+        || [ "$MC_ROOT/python/pyproject.toml" -nt "$venv/.manna_crypt" ]; then
+        log "installing ./python (manna-crypt) into target/venv"
+        "$venv/bin/pip" install -q --no-build-isolation --no-deps -e "$MC_ROOT/python"
+        touch "$venv/.manna_crypt"
+    fi
+    # Wheels of the package's build backend and dependencies, for the test
+    # that installs it from a fresh clone into a fresh venv without network
+    # (tests/python/test_python_package.py).
+    local wh="$MC_ROOT/target/wheelhouse"
+    if [ ! -f "$wh/.done" ] || [ "$req" -nt "$wh/.done" ]; then
+        log "downloading the manna-crypt package's dependencies into target/wheelhouse"
+        rm -rf "$wh"
+        grep -iE '^(sqlalchemy|setuptools)[=<>]' "$req" > "$MC_ROOT/target/wheelhouse.txt"
+        "$venv/bin/pip" download -q --only-binary=:all: -d "$wh" -r "$MC_ROOT/target/wheelhouse.txt"
+        touch "$wh/.done"
+    fi
 }
 
 cluster_stop() {

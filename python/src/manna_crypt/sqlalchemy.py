@@ -1,0 +1,186 @@
+"""SQLAlchemy 2 column type for a column protected by
+manna_crypt.protect_column(): the key never leaves the database.
+
+    class PlaidItem(Base):
+        __tablename__ = "plaid_items"
+        id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+        access_token: Mapped[str] = mapped_column(EncryptedText("plaid_tokens", aad="id"))
+
+* Reads decrypt in SQL: the column is selected as
+  manna_crypt.decrypt_gcm(plaid_items.access_token, CAST(plaid_items.id AS TEXT)),
+  in the same statement (joined, selectin, deferred and refresh loads alike).
+* Writes send the plaintext as an ordinary bound parameter; the column's
+  trigger (installed by protect_column) encrypts it under the keyring with
+  the row's AAD column as associated data. No extra statement, no RETURNING:
+  insertmanyvalues batches stay batches, and an identity id the server
+  generates is already visible to the trigger.
+* ==, !=, IN, LIKE, <, ORDER BY … on the column raise EncryptedComparisonError:
+  the stored value is a ciphertext with a fresh nonce, so SQL comparisons
+  can never match. IS NULL / IS NOT NULL work.
+
+The AAD column must be a column of the same table (integer, text or uuid),
+named by its database name; `aad=None` means no AAD.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+from sqlalchemy import Text, cast, func, literal, null
+from sqlalchemy.exc import CompileError, InvalidRequestError
+from sqlalchemy.sql import operators
+from sqlalchemy.types import TypeDecorator
+
+__all__ = ["EncryptedText", "EncryptedComparisonError", "decrypted", "health_check"]
+
+
+class EncryptedComparisonError(InvalidRequestError):
+    """An SQL comparison on an EncryptedText column (it could never match)."""
+
+
+# Operators that do not look at the value and so work on a ciphertext.
+_ALLOWED = {operators.is_, operators.is_not}
+
+
+def _column_label(expr: Any) -> str:
+    table = getattr(expr, "table", None)
+    name = getattr(expr, "name", None) or "?"
+    tname = getattr(table, "name", None) or getattr(table, "description", None)
+    return f"{tname}.{name}" if tname else str(name)
+
+
+class _Comparator(TypeDecorator.Comparator):  # type: ignore[name-defined]
+    def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
+        self._check(op, other)
+        return super().operate(op, *other, **kwargs)
+
+    def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
+        self._check(op, (other,))
+        return super().reverse_operate(op, other, **kwargs)
+
+    def _check(self, op: Any, other: tuple) -> None:
+        if op in _ALLOWED:
+            return
+        # `col == None` / `col != None` are IS [NOT] NULL
+        if op in (operator.eq, operator.ne, operators.eq, operators.ne) and len(other) == 1 and other[0] is None:
+            return
+        name = getattr(op, "__name__", str(op))
+        raise EncryptedComparisonError(
+            f"cannot use {name} on encrypted column {_column_label(self.expr)}: it stores AES-256-GCM "
+            "ciphertexts with a fresh random nonce, so SQL comparisons, ordering and pattern matching "
+            "never see the plaintext (blind indexes for equality are planned). Filter on another "
+            "column, or compare in Python after loading; IS NULL / IS NOT NULL work."
+        )
+
+
+class EncryptedText(TypeDecorator):
+    """A `text` column protected by manna_crypt.protect_column(table, column,
+    keyring, aad_column): see the module docstring."""
+
+    impl = Text
+    cache_ok = True
+    comparator_factory = _Comparator
+
+    def __init__(self, keyring: str, aad: Optional[str] = None, fernet_keyring: Optional[str] = None) -> None:
+        """keyring: the AES-GCM keyring protect_column() encrypts under (also
+        what autogenerate's op.protect_column names); aad: the database name
+        of the AAD column of the same table, or None; fernet_keyring: during
+        a migration from Fernet, read with manna_crypt.decrypt_any(), which
+        also opens the Fernet tokens still in the column (the "dual read"
+        release of the README's deploy order)."""
+        if not keyring:
+            raise ValueError("EncryptedText needs the keyring name")
+        super().__init__()
+        self.keyring = keyring
+        self.aad = aad
+        self.fernet_keyring = fernet_keyring
+
+    def __repr__(self) -> str:
+        args = repr(self.keyring) + (f", aad={self.aad!r}" if self.aad is not None else "")
+        if self.fernet_keyring is not None:
+            args += f", fernet_keyring={self.fernet_keyring!r}"
+        return f"EncryptedText({args})"
+
+    # -- reading: decrypt in SQL -------------------------------------------------
+
+    def aad_column(self, col: Any) -> Any:
+        """The AAD column beside `col` in the same FROM element (a table, an
+        alias of it, the `excluded` row of an upsert, a subquery)."""
+        table = getattr(col, "table", None)
+        if table is None:
+            raise CompileError(
+                f"EncryptedText column {_column_label(col)} is selected without its table, so its AAD "
+                f"column {self.aad!r} cannot be found; select it from the mapped table"
+            )
+        for c in table.c:
+            if c.name == self.aad or c.key == self.aad:
+                return c
+        raise CompileError(
+            f"EncryptedText column {_column_label(col)}: its AAD column {self.aad!r} is not a column of "
+            f"{getattr(table, 'name', None) or table}; select it in the same subquery"
+        )
+
+    def decrypt_expression(self, col: Any) -> Any:
+        aad = None if self.aad is None else cast(self.aad_column(col), Text)
+        if self.fernet_keyring is not None:
+            return func.manna_crypt.decrypt_any(
+                col, cast(null(), Text) if aad is None else aad, literal(self.fernet_keyring, Text), type_=Text
+            )
+        if aad is None:
+            return func.manna_crypt.decrypt_gcm(col, type_=Text)
+        return func.manna_crypt.decrypt_gcm(col, aad, type_=Text)
+
+    def column_expression(self, col: Any) -> Any:
+        return self.decrypt_expression(col)
+
+    # -- writing: the plaintext, which the column's trigger encrypts ------------
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"EncryptedText takes str values, not {type(value).__name__}")
+        return value
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        return value
+
+    def copy(self, **kw: Any) -> "EncryptedText":
+        return EncryptedText(self.keyring, self.aad, self.fernet_keyring)
+
+    # Alembic autogenerate: the database column is plain `text` (the
+    # protection is a trigger and a CHECK, which autogenerate never compares).
+    def compare_against_backend(self, dialect: Any, conn_type: Any) -> Optional[bool]:
+        if isinstance(conn_type, Text):
+            return True
+        return None
+
+
+def decrypted(col: Any) -> Any:
+    """The plaintext of an EncryptedText column as an SQL expression, for
+    places where SQLAlchemy applies no column_expression — above all the
+    SET clause of an upsert whose conflict target is not the AAD column:
+
+        stmt = insert(PlaidItem).values(rows)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["item_id"],
+            set_={"access_token": decrypted(stmt.excluded.access_token)})
+
+    `excluded.access_token` is already the ciphertext the INSERT trigger
+    made, bound to the proposed row's AAD; decrypted() opens it with that
+    row's AAD, and the UPDATE trigger seals the plaintext again for the row
+    that is really updated."""
+    typ = getattr(col, "type", None)
+    if not isinstance(typ, EncryptedText):
+        raise TypeError("decrypted() takes an EncryptedText column")
+    return typ.decrypt_expression(col)
+
+
+def health_check(conn: Any, keyring: str) -> bool:
+    """manna_crypt.psycopg.health_check on a SQLAlchemy Connection or Session:
+    True when this role can encrypt under `keyring` and decrypt the result."""
+    from sqlalchemy import select
+
+    probe = "manna_crypt health check"
+    sealed = func.manna_crypt.encrypt_gcm(literal(probe, Text), literal(keyring, Text), literal("health", Text))
+    stmt = select(func.manna_crypt.decrypt_gcm(cast(sealed, Text), literal("health", Text)) == probe)
+    return bool(conn.execute(stmt).scalar())

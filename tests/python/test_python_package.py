@@ -1,0 +1,823 @@
+"""The Python package in python/ (manna-crypt) against a real cluster:
+
+* manna_crypt.sqlalchemy.EncryptedText on a column protected by
+  manna_crypt.protect_column(): ORM inserts in insertmanyvalues batches with
+  identity ids (statement count equal to a plain Text model's), reads
+  (joined, selectin, deferred), updates, an update of the AAD column, an
+  upsert whose conflict target is not the AAD column, Session.merge, and
+  the comparison guard;
+* manna_crypt.alembic: the operations, the flow from a Fernet column to a
+  protected AES-256-GCM column in a real Alembic project, RowsLeftError,
+  autogenerate (an EncryptedText model compares equal; a new EncryptedText
+  column is followed by op.protect_column);
+* manna_crypt.psycopg: NOTICEs into logging, the health check;
+* manna_crypt.mc1: raw-key interop with the database both ways;
+* the package built and installed from a fresh clone into a fresh venv,
+  offline.
+
+Assertion messages name ids and counts, never keys or plaintexts.
+"""
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from cryptography.fernet import Fernet
+from sqlalchemy import BigInteger, ForeignKey, Identity, Text, create_engine, event, select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    deferred,
+    joinedload,
+    mapped_column,
+    relationship,
+    selectinload,
+    undefer,
+)
+
+import manna_crypt
+from manna_crypt import RowsLeftError, mc1
+from manna_crypt.psycopg import forward_notices, health_check, notices_forwarded
+from manna_crypt.sqlalchemy import EncryptedComparisonError, EncryptedText, decrypted
+from manna_crypt.sqlalchemy import health_check as sa_health_check
+
+from conftest import HOST, PORT, connect, dsn, new_role
+
+MC_ROOT = Path(os.environ.get("MC_ROOT") or Path(__file__).resolve().parents[2])
+KEYRING = "plaid_tokens"
+
+
+def token(i):
+    return f"access-sandbox-{i}-{uuid.uuid4()}"
+
+
+# ---- models --------------------------------------------------------------------
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Owner(Base):
+    __tablename__ = "owners"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    items: Mapped[list["Item"]] = relationship(back_populates="owner", order_by="Item.id")
+
+
+class Item(Base):
+    __tablename__ = "plaid_items"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    item_id: Mapped[str] = mapped_column(Text, unique=True)
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("owners.id", onupdate="CASCADE"))
+    access_token: Mapped[str | None] = mapped_column(EncryptedText(KEYRING, aad="id"))
+    # deferred: loaded by its own SELECT on first access
+    secret_note: Mapped[str | None] = deferred(mapped_column(EncryptedText(KEYRING, aad="item_id")))
+    owner: Mapped[Owner | None] = relationship(back_populates="items")
+
+
+class PlainItem(Base):
+    """The same shape with a plain Text column: the statement-count baseline."""
+
+    __tablename__ = "plain_items"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    item_id: Mapped[str] = mapped_column(Text, unique=True)
+    access_token: Mapped[str | None] = mapped_column(Text)
+
+
+def has_protect(db):
+    with connect(db) as c:
+        return c.execute(
+            "SELECT EXISTS (SELECT FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = 'manna_crypt' AND p.proname = 'protect_column')"
+        ).fetchone()[0]
+
+
+def need_protect(db):
+    if not has_protect(db):
+        pytest.skip("manna_crypt.protect_column() is not in this build yet")
+
+
+@pytest.fixture
+def engine(fresh_db):
+    eng = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn(fresh_db)))
+    with eng.begin() as c:
+        c.execute(text("SELECT manna_crypt.create_keyring(:k)"), {"k": KEYRING})
+    Base.metadata.create_all(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def protected(engine, fresh_db):
+    """The engine, with plaid_items' two EncryptedText columns protected."""
+    need_protect(fresh_db)
+    with engine.begin() as c:
+        for col, aad in (("access_token", "id"), ("secret_note", "item_id")):
+            c.execute(
+                text("SELECT manna_crypt.protect_column('plaid_items', :c, :k, :a)"),
+                {"c": col, "k": KEYRING, "a": aad},
+            )
+    return engine
+
+
+def stored(db, col="access_token", aad="id", table="plaid_items"):
+    """{id: (is the stored value a ciphertext?, its plaintext opened in SQL with the row's AAD)}."""
+    with connect(db) as c:
+        rows = c.execute(
+            f"SELECT id, manna_crypt.is_encrypted({col}), manna_crypt.decrypt_gcm({col}, {aad}::text) "
+            f"FROM {table} ORDER BY id"
+        ).fetchall()
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
+class StatementLog:
+    def __init__(self, engine):
+        self.statements = []
+        event.listen(engine, "before_cursor_execute", self._on)
+
+    def _on(self, conn, cursor, statement, parameters, context, executemany):
+        self.statements.append(statement)
+
+    def count(self, prefix):
+        return sum(1 for s in self.statements if s.lstrip().upper().startswith(prefix))
+
+
+# ---- SQLAlchemy: the read side (decrypt_gcm in SQL; works on any mc1 column) ------------
+
+
+def test_reads_decrypt_in_sql_joined_selectin_deferred(engine, fresh_db):
+    plain = {i: token(i) for i in range(1, 21)}
+    with connect(fresh_db) as c:
+        c.execute("INSERT INTO owners (name) VALUES ('o1')")
+        for i, p in plain.items():
+            c.execute(
+                "INSERT INTO plaid_items (id, item_id, owner_id, access_token, secret_note) OVERRIDING SYSTEM VALUE "
+                "VALUES (%s, %s, 1, manna_crypt.encrypt_gcm(%s, %s, %s::text), manna_crypt.encrypt_gcm(%s, %s, %s))",
+                (i, f"item-{i}", p, KEYRING, i, "note " + p, KEYRING, f"item-{i}"),
+            )
+    log = StatementLog(engine)
+    with Session(engine) as s:
+        items = s.scalars(select(Item).order_by(Item.id)).all()
+        assert {i.id: i.access_token for i in items} == plain
+        assert log.count("SELECT") == 1
+        # deferred: one more SELECT on first access, decrypted with its own AAD column
+        assert items[0].secret_note == "note " + plain[1]
+        assert log.count("SELECT") == 2
+    for loader in (joinedload, selectinload):
+        with Session(engine) as s:
+            owner = s.scalars(select(Owner).options(loader(Owner.items))).unique().one()
+            assert {i.id: i.access_token for i in owner.items} == plain
+    with Session(engine) as s:
+        got = s.scalars(select(Item).options(undefer(Item.secret_note)).where(Item.id == 2)).one()
+        assert got.secret_note == "note " + plain[2]
+        # a subquery: decrypted in the outer SELECT, with the subquery's AAD column
+        sub = select(Item).where(Item.id <= 3).subquery()
+        assert s.execute(select(sub.c.id, sub.c.access_token).order_by(sub.c.id)).all() == [
+            (i, plain[i]) for i in (1, 2, 3)
+        ]
+
+
+def test_comparisons_raise_but_null_checks_work(engine, fresh_db):
+    for expr in (
+        lambda: Item.access_token == "x",
+        lambda: Item.access_token != "x",
+        lambda: "x" == Item.access_token,
+        lambda: Item.access_token.in_(["x"]),
+        lambda: Item.access_token.like("x%"),
+        lambda: Item.access_token.startswith("x"),
+        lambda: Item.access_token > "x",
+        lambda: Item.access_token.desc(),
+    ):
+        with pytest.raises(EncryptedComparisonError, match="plaid_items.access_token"):
+            expr()
+    with connect(fresh_db) as c:
+        c.execute("INSERT INTO plaid_items (item_id, access_token) VALUES ('a', NULL), "
+                  "('b', manna_crypt.encrypt_gcm('t', 'plaid_tokens', '2'))")
+    with Session(engine) as s:
+        assert s.scalars(select(Item.item_id).where(Item.access_token == None)).all() == ["a"]  # noqa: E711
+        assert s.scalars(select(Item.item_id).where(Item.access_token.is_not(None))).all() == ["b"]
+        assert s.scalars(select(Item.access_token).where(Item.item_id == "b")).one() == "t"
+
+
+def test_wrong_aad_is_an_error_never_a_wrong_value(engine, fresh_db):
+    with connect(fresh_db) as c:
+        # sealed for row 99 but stored in row 1: the AAD check refuses it
+        c.execute("INSERT INTO plaid_items (id, item_id, access_token) OVERRIDING SYSTEM VALUE "
+                  "VALUES (1, 'a', manna_crypt.encrypt_gcm('t', 'plaid_tokens', '99'))")
+    with Session(engine) as s, pytest.raises(sa.exc.DBAPIError) as e:
+        s.scalars(select(Item)).all()
+    assert e.value.orig.sqlstate == "39000"
+
+
+# ---- SQLAlchemy: writes through the protect_column trigger ------------------------------------
+
+
+def test_orm_batched_inserts_identity_ids_same_statements_as_plain(protected, fresh_db):
+    n = 2500
+    plain = [token(i) for i in range(n)]
+    log = StatementLog(protected)
+    with Session(protected) as s:
+        s.add_all(PlainItem(item_id=f"p{i}", access_token=p) for i, p in enumerate(plain))
+        s.commit()
+    plain_inserts, plain_total = log.count("INSERT"), len(log.statements)
+    log.statements.clear()
+    with Session(protected, expire_on_commit=False) as s:
+        objs = [Item(item_id=f"i{i}", access_token=p) for i, p in enumerate(plain)]
+        s.add_all(objs)
+        s.commit()
+    ids = [o.id for o in objs]  # the server-generated ids came back with the batches
+    # insertmanyvalues: pages of 1000 rows, as for the plain model; nothing extra per row
+    assert plain_inserts == 3
+    assert log.count("INSERT") == plain_inserts
+    assert len(log.statements) == plain_total
+    assert all(isinstance(i, int) for i in ids) and len(set(ids)) == n
+    got = stored(fresh_db)
+    assert len(got) == n
+    assert [i for i in ids if not got[i][0]] == []  # every stored value is a ciphertext
+    want = dict(zip(ids, plain))
+    assert [i for i in ids if got[i][1] != want[i]] == []  # bound to the server-generated id
+    with Session(protected) as s:
+        assert dict(s.execute(select(Item.id, Item.access_token)).tuples().all()) == want
+
+
+def test_orm_update_and_update_of_the_aad_column(protected, fresh_db):
+    with Session(protected) as s:
+        item = Item(item_id="a", access_token="tok-1", secret_note="n-1")
+        s.add(item)
+        s.commit()
+        item_id = item.id
+        item.access_token = "tok-2"
+        s.commit()
+        assert stored(fresh_db)[item_id] == (True, "tok-2")
+        assert item.access_token == "tok-2"  # expired on commit, reloaded decrypted
+        # the AAD columns change, the encrypted values do not: the trigger re-seals them
+        item.id = item_id + 1000
+        item.item_id = "a-renamed"
+        s.commit()
+        assert stored(fresh_db) == {item_id + 1000: (True, "tok-2")}
+        assert stored(fresh_db, "secret_note", "item_id") == {item_id + 1000: (True, "n-1")}
+        assert (item.access_token, item.secret_note) == ("tok-2", "n-1")
+        # both at once
+        item.id, item.access_token = item_id + 2000, "tok-3"
+        s.commit()
+        assert stored(fresh_db) == {item_id + 2000: (True, "tok-3")}
+
+
+def test_upsert_with_conflict_target_other_than_aad(protected, fresh_db):
+    with Session(protected) as s:
+        s.add_all([Item(item_id="a", access_token="old-a"), Item(item_id="b", access_token="old-b")])
+        s.commit()
+        ids = dict(s.execute(select(Item.item_id, Item.id)).tuples().all())
+        # The proposed rows get new identity ids, and the INSERT trigger seals
+        # their values for those ids; decrypted(excluded...) opens them so that
+        # the UPDATE trigger seals them again for the row really updated.
+        stmt = pg_insert(Item).values([{"item_id": "a", "access_token": "new-a"},
+                                       {"item_id": "c", "access_token": "new-c"}])
+        stmt = stmt.on_conflict_do_update(index_elements=["item_id"],
+                                          set_={"access_token": decrypted(stmt.excluded.access_token)})
+        s.execute(stmt)
+        s.commit()
+        got = dict(s.execute(select(Item.item_id, Item.access_token)).tuples().all())
+    assert got == {"a": "new-a", "b": "old-b", "c": "new-c"}
+    st = stored(fresh_db)
+    assert st[ids["a"]] == (True, "new-a") and st[ids["b"]] == (True, "old-b")
+
+
+def test_naive_upsert_of_excluded_never_stores_an_undecryptable_value(protected, fresh_db):
+    """SET access_token = excluded.access_token hands the UPDATE a ciphertext
+    sealed for the proposed row's (discarded) id: it must be refused, or
+    stored so that it decrypts for the row — never kept as it is."""
+    with Session(protected) as s:
+        s.add(Item(item_id="a", access_token="old-a"))
+        s.commit()
+        stmt = pg_insert(Item).values(item_id="a", access_token="new-a")
+        stmt = stmt.on_conflict_do_update(index_elements=["item_id"],
+                                          set_={"access_token": stmt.excluded.access_token})
+        try:
+            s.execute(stmt)
+            s.commit()
+        except sa.exc.DBAPIError:
+            s.rollback()
+    with connect(fresh_db) as c:
+        bad = c.execute(
+            "SELECT count(*) FROM plaid_items WHERE manna_crypt.decrypt_gcm(access_token, id::text) IS NULL"
+        ).fetchone()[0]
+    assert bad == 0
+
+
+def test_session_merge(protected, fresh_db):
+    with Session(protected) as s:
+        s.add(Item(item_id="a", access_token="tok-1"))
+        s.commit()
+        item_id = s.scalars(select(Item.id)).one()
+    log = StatementLog(protected)
+    with Session(protected) as s:
+        s.merge(Item(id=item_id, item_id="a", access_token="tok-1"))  # unchanged: no UPDATE
+        s.commit()
+    assert log.count("UPDATE") == 0
+    with Session(protected) as s:
+        merged = s.merge(Item(id=item_id, item_id="a", access_token="tok-2"))
+        s.commit()
+        assert merged.access_token == "tok-2"
+    assert log.count("UPDATE") == 1
+    assert stored(fresh_db)[item_id] == (True, "tok-2")
+
+
+def test_plaintext_lookalike_and_types(protected, fresh_db):
+    with Session(protected) as s:
+        s.add(Item(item_id="a", access_token="mc1:not-base64!"))
+        with pytest.raises(sa.exc.DBAPIError) as e:
+            s.commit()
+        assert e.value.orig.sqlstate == "22P02"
+    with pytest.raises(sa.exc.StatementError):
+        with Session(protected) as s:
+            s.add(Item(item_id="b", access_token=b"bytes"))
+            s.commit()
+
+
+# ---- health checks -----------------------------------------------------------------------------
+
+
+def test_health_check_as_application_role(engine, fresh_db):
+    with connect(fresh_db) as c:
+        app = new_role(c)
+        c.execute(f'GRANT manna_crypt_user TO "{app}"')
+        nobody = new_role(c)
+    with connect(fresh_db, user=app) as c:
+        assert health_check(c, KEYRING) is True
+        with pytest.raises(psycopg.Error) as e:
+            health_check(c, "no_such_keyring")
+        assert e.value.sqlstate == "42704"
+    with connect(fresh_db, user=nobody) as c, pytest.raises(psycopg.Error) as e:
+        health_check(c, KEYRING)
+    assert e.value.sqlstate == "42501"
+    with engine.connect() as c:
+        assert sa_health_check(c, KEYRING) is True
+    with Session(engine) as s:
+        assert sa_health_check(s, KEYRING) is True
+
+
+# ---- psycopg: NOTICEs into logging ---------------------------------------------------------------
+
+
+def test_notices_forwarded_to_logging(conn, caplog):
+    caplog.set_level(logging.DEBUG, logger="manna_crypt")
+    handler = forward_notices(conn)
+    conn.execute("DO $$ BEGIN RAISE NOTICE 'hello %', 42 USING DETAIL = 'd', HINT = 'h'; "
+                 "RAISE WARNING 'careful'; END $$")
+    conn.remove_notice_handler(handler)
+    conn.execute("DO $$ BEGIN RAISE NOTICE 'not forwarded'; END $$")
+    recs = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "manna_crypt"]
+    assert recs == [
+        (logging.INFO, "NOTICE: hello 42 (DETAIL: d) (HINT: h)"),
+        (logging.WARNING, "WARNING: careful"),
+    ]
+
+
+def test_migrate_fernet_progress_reaches_logging(conn, caplog):
+    key = Fernet.generate_key()
+    f = Fernet(key)
+    conn.execute("SELECT manna_crypt.import_fernet_key('legacy', %s)", (key.decode(),))
+    conn.execute("SELECT manna_crypt.create_keyring('target')")
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, tok text)")
+    with conn.cursor().copy("COPY t FROM STDIN") as cp:
+        for i in range(1, 301):
+            cp.write_row((i, f.encrypt(b"tok-%d" % i).decode()))
+    caplog.set_level(logging.INFO, logger="manna_crypt")
+    with notices_forwarded(conn):
+        conn.execute("CALL manna_crypt.migrate_fernet('t', 'tok', 'legacy', 'target', batch_size => 100, "
+                     "aad_column => 'id')")
+    msgs = [r.getMessage() for r in caplog.records if r.name == "manna_crypt"]
+    assert len(msgs) >= 3, msgs  # a NOTICE per batch and a summary
+    assert all(m.startswith(("NOTICE: ", "WARNING: ", "INFO: ")) for m in msgs)
+    assert not any(key.decode() in m or "tok-" in m for m in msgs)
+
+
+# ---- mc1: raw-key interop ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("aad", [None, "", "42", "ctx é🔐"])
+def test_mc1_interop_both_ways(conn, aad):
+    key = os.urandom(32)
+    for plain in ["", "access-sandbox-123", "é🔐" * 100]:
+        c = mc1.mc1_encrypt(key, plain, aad)
+        assert mc1.key_id(c) == 0
+        assert conn.execute("SELECT manna_crypt.decrypt_gcm(%s, %s::bytea, %s)", (c, key, aad)).fetchone()[0] == plain
+        back = conn.execute("SELECT manna_crypt.encrypt_gcm(%s, %s::bytea, %s)::text", (plain, key, aad)).fetchone()[0]
+        assert mc1.mc1_decrypt(key, back, aad) == plain
+        env = conn.execute("SELECT manna_crypt.encrypt_gcm(%s::bytea, %s::bytea, %s)",
+                           (plain.encode(), key, aad)).fetchone()[0]
+        assert mc1.mc1_decrypt_bytes(key, env, aad) == plain.encode()
+        assert conn.execute("SELECT manna_crypt.decrypt_gcm(%s::bytea, %s::bytea, %s)",
+                            (mc1.mc1_encrypt_bytes(key, plain, aad), key, aad)).fetchone()[0] == plain.encode()
+
+
+def test_mc1_errors(conn):
+    key = os.urandom(32)
+    c = mc1.mc1_encrypt(key, "x", "1")
+    with pytest.raises(mc1.DecryptionFailed):
+        mc1.mc1_decrypt(key, c, "2")
+    with pytest.raises(mc1.DecryptionFailed):
+        mc1.mc1_decrypt(os.urandom(32), c, "1")
+    for bad in ["x", "mc1:@@", "mc1:" + "AAAA" * 3, "mc1:" + "Ag" + "A" * 58 + "=="]:
+        with pytest.raises(mc1.MalformedCiphertext):
+            mc1.mc1_decrypt(key, bad)
+    with pytest.raises(ValueError, match="32 bytes"):
+        mc1.mc1_encrypt(b"short", "x")
+    # a keyring value names its key id; the database reads it the same way
+    kc = conn.execute("SELECT manna_crypt.create_keyring('k'), manna_crypt.encrypt_gcm('x', 'k')::text").fetchone()
+    assert mc1.key_id(kc[1]) == kc[0]
+
+
+# ---- Alembic -----------------------------------------------------------------------------------
+
+MODELS_V1 = '''
+from sqlalchemy import BigInteger, Identity, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from manna_crypt.sqlalchemy import EncryptedText
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class PlaidItem(Base):
+    __tablename__ = "plaid_items"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    item_id: Mapped[str | None] = mapped_column(Text, unique=True)
+    access_token: Mapped[str | None] = mapped_column(EncryptedText("plaid_tokens", aad="id"))
+'''
+
+# V2 adds an encrypted column and a new table with one: autogenerate must
+# protect both.
+MODELS_V2 = MODELS_V1 + '''
+    refresh_token: Mapped[str | None] = mapped_column(EncryptedText("plaid_tokens", aad="item_id"))
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    number: Mapped[str | None] = mapped_column(EncryptedText("plaid_tokens", aad="id"))
+'''
+
+ENV_PY = '''
+import os, sys
+sys.path.insert(0, os.path.dirname(__file__))
+from alembic import context
+from sqlalchemy import create_engine, pool
+import manna_crypt.alembic  # noqa: F401  registers the operations and autogenerate hooks
+import models
+
+config = context.config
+engine = create_engine(config.get_main_option("sqlalchemy.url"), poolclass=pool.NullPool)
+with engine.connect() as connection:
+    context.configure(connection=connection, target_metadata=models.Base.metadata)
+    with context.begin_transaction():
+        context.run_migrations()
+engine.dispose()
+'''
+
+# Alembic's own template: ${imports} carries the rendered ops' imports.
+SCRIPT_MAKO = '''"""${message}
+
+Revision ID: ${up_revision}
+Revises: ${down_revision | comma,n}
+"""
+from alembic import op
+import sqlalchemy as sa
+${imports if imports else ""}
+revision = ${repr(up_revision)}
+down_revision = ${repr(down_revision)}
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    ${upgrades if upgrades else "pass"}
+
+
+def downgrade():
+    ${downgrades if downgrades else "pass"}
+'''
+
+REV_0001 = '''
+"""legacy plaid_items with Fernet tokens; the Fernet key imported
+
+Revision ID: 0001
+Revises:
+"""
+import os
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+
+
+def upgrade():
+    op.execute("CREATE EXTENSION IF NOT EXISTS manna_crypt")
+    op.create_table(
+        "plaid_items",
+        sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+        sa.Column("item_id", sa.Text, unique=True),
+        sa.Column("access_token", sa.Text),
+    )
+    op.execute(sa.text("SELECT manna_crypt.import_fernet_key('legacy_fernet', :k)")
+               .bindparams(k=os.environ["MC_TEST_FERNET_KEY"]))
+'''
+
+REV_0002 = '''
+"""Fernet -> AES-256-GCM, then protect the column
+
+Revision ID: 0002
+Revises: 0001
+"""
+from alembic import op
+import manna_crypt.alembic  # noqa: F401
+
+revision = "0002"
+down_revision = "0001"
+
+
+def upgrade():
+    op.create_keyring("plaid_tokens", rotation_period="90 days")
+    op.migrate_fernet("plaid_items", "access_token", "legacy_fernet", "plaid_tokens",
+                      batch_size=500, aad_column="id")
+    op.protect_column("plaid_items", "access_token", "plaid_tokens", aad_column="id")
+'''
+
+
+@pytest.fixture
+def alembic_db():
+    name = "t_alembic_pkg_" + uuid.uuid4().hex[:8]
+    with connect("postgres") as c:
+        c.execute(f'CREATE DATABASE "{name}"')
+    yield name
+    with connect("postgres") as c:
+        c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def alembic_project(tmp_path, db, models=MODELS_V1):
+    from alembic.config import Config
+
+    proj = tmp_path / "proj"
+    (proj / "versions").mkdir(parents=True, exist_ok=True)
+    (proj / "env.py").write_text(ENV_PY)
+    (proj / "models.py").write_text(models)
+    (proj / "script.py.mako").write_text(SCRIPT_MAKO)
+    (proj / "versions/0001_legacy.py").write_text(REV_0001)
+    (proj / "versions/0002_protect.py").write_text(REV_0002)
+    for mod in ("models", "env"):
+        sys.modules.pop(mod, None)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(proj))
+    cfg.set_main_option("sqlalchemy.url", f"postgresql+psycopg:///{db}?host={HOST}&port={PORT}")
+    return cfg, proj
+
+
+def compare(db, metadata):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    eng = create_engine(f"postgresql+psycopg:///{db}?host={HOST}&port={PORT}")
+    try:
+        with eng.connect() as c:
+            return compare_metadata(MigrationContext.configure(c), metadata)
+    finally:
+        eng.dispose()
+
+
+def test_alembic_operations_registered():
+    import manna_crypt.alembic  # noqa: F401
+    from alembic.operations import Operations
+
+    for name in ("create_keyring", "protect_column", "unprotect_column", "migrate_fernet",
+                 "rewrap_column", "encrypt_column"):
+        assert hasattr(Operations, name), name
+
+
+def test_alembic_flow_fernet_to_protected_gcm(tmp_path, alembic_db, monkeypatch, caplog):
+    from alembic import command
+
+    key = Fernet.generate_key()
+    f = Fernet(key)
+    monkeypatch.setenv("MC_TEST_FERNET_KEY", key.decode())
+    cfg, proj = alembic_project(tmp_path, alembic_db)
+    command.upgrade(cfg, "0001")
+    plain = {i: token(i) for i in range(1, 1201)}
+    with connect(alembic_db) as c:
+        with c.cursor().copy("COPY plaid_items (id, item_id, access_token) FROM STDIN") as cp:
+            for i, p in plain.items():
+                cp.write_row((i, f"item-{i}", f.encrypt(p.encode()).decode()))
+        c.execute("SELECT setval(pg_get_serial_sequence('plaid_items', 'id'), 1200)")
+    need_protect(alembic_db)
+    caplog.set_level(logging.INFO, logger="manna_crypt")
+    command.upgrade(cfg, "head")
+    # progress NOTICEs of migrate_fernet reached logging, and no secret did
+    msgs = [r.getMessage() for r in caplog.records if r.name == "manna_crypt"]
+    assert len(msgs) >= 3
+    assert not any(key.decode() in m or "access-sandbox" in m for m in msgs)
+    with connect(alembic_db) as c:
+        assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0002"
+    got = stored(alembic_db)
+    assert [i for i, p in plain.items() if got[i] != (True, p)] == []
+
+    # the application's model reads and writes the protected column
+    sys.path.insert(0, str(proj))
+    try:
+        import models
+    finally:
+        sys.path.remove(str(proj))
+    eng = create_engine(f"postgresql+psycopg:///{alembic_db}?host={HOST}&port={PORT}")
+    try:
+        with Session(eng) as s:
+            s.add(models.PlaidItem(item_id="new", access_token="tok-new"))
+            s.commit()
+            assert s.scalars(select(models.PlaidItem).where(models.PlaidItem.id == 7)).one().access_token == plain[7]
+            assert s.scalars(select(models.PlaidItem.access_token).where(models.PlaidItem.item_id == "new")).one() \
+                == "tok-new"
+    finally:
+        eng.dispose()
+    assert stored(alembic_db)[1201] == (True, "tok-new")
+
+    # autogenerate: the model with EncryptedText equals the database
+    assert compare(alembic_db, models.Base.metadata) == []
+
+    # a new EncryptedText column and a new table: rendered as text, then protected
+    (proj / "models.py").write_text(MODELS_V2)
+    sys.modules.pop("models", None)
+    script = command.revision(cfg, message="more secrets", autogenerate=True, rev_id="0003")
+    src = Path(script.path).read_text()
+    assert "import manna_crypt.alembic" in src
+    assert "op.add_column('plaid_items', sa.Column('refresh_token', sa.Text(), nullable=True))" in src
+    assert "op.protect_column('plaid_items', 'refresh_token', 'plaid_tokens', aad_column='item_id')" in src
+    assert "op.protect_column('accounts', 'number', 'plaid_tokens', aad_column='id')" in src
+    assert src.index("op.create_table('accounts'") < src.index("op.protect_column('accounts'")
+    assert "EncryptedText" not in src
+    assert "op.unprotect_column('plaid_items', 'refresh_token')" in src
+    command.upgrade(cfg, "head")
+    with connect(alembic_db) as c:
+        c.execute("INSERT INTO plaid_items (item_id, access_token, refresh_token) VALUES ('x', 'a', 'r')")
+        c.execute("INSERT INTO accounts (number) VALUES ('12345678')")
+    assert stored(alembic_db, "refresh_token", "item_id")[1202] == (True, "r")
+    assert stored(alembic_db, "number", "id", "accounts") == {1: (True, "12345678")}
+    sys.path.insert(0, str(proj))
+    try:
+        import models as models_v2
+    finally:
+        sys.path.remove(str(proj))
+        sys.modules.pop("models", None)
+    assert compare(alembic_db, models_v2.Base.metadata) == []
+    # and back down
+    command.downgrade(cfg, "0002")
+    with connect(alembic_db) as c:
+        assert c.execute("SELECT to_regclass('accounts')").fetchone()[0] is None
+
+
+def test_alembic_reencrypt_ops_raise_when_rows_are_left(tmp_path, alembic_db, monkeypatch, caplog):
+    """op.migrate_fernet in a revision: a token it cannot convert makes the
+    revision fail with RowsLeftError (every other row converted and
+    committed); raise_on_failure=False accepts it. Also: already inside an
+    autocommit block works, and rewrap/encrypt run the same way."""
+    from alembic import command
+
+    key = Fernet.generate_key()
+    monkeypatch.setenv("MC_TEST_FERNET_KEY", key.decode())
+    cfg, proj = alembic_project(tmp_path, alembic_db)
+    (proj / "versions/0002_protect.py").write_text(textwrap.dedent('''
+        """Revision ID: 0002"""
+        import os
+        from alembic import op
+        import manna_crypt.alembic  # noqa: F401
+
+        revision = "0002"
+        down_revision = "0001"
+
+
+        def upgrade():
+            op.create_keyring("plaid_tokens")
+            op.create_keyring("plaid_tokens")  # if_not_exists
+            op.migrate_fernet("plaid_items", "access_token", "legacy_fernet", "plaid_tokens",
+                              aad_column="id", raise_on_failure=os.environ["MC_TEST_RAISE"] == "1")
+    '''))
+    command.upgrade(cfg, "0001")
+    f = Fernet(key)
+    with connect(alembic_db) as c:
+        c.execute("INSERT INTO plaid_items (id, item_id, access_token) OVERRIDING SYSTEM VALUE VALUES "
+                  "(1, 'a', %s), (2, 'b', %s), (3, 'c', 'not a token')",
+                  (f.encrypt(b"t1").decode(), f.encrypt(b"t2").decode()))
+    monkeypatch.setenv("MC_TEST_RAISE", "1")
+    with pytest.raises(RowsLeftError) as e:
+        command.upgrade(cfg, "head")
+    assert e.value.run_id is not None
+    with connect(alembic_db) as c:
+        # the revision is not recorded; the convertible rows are converted
+        assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0001"
+        assert c.execute("SELECT count(*) FROM plaid_items WHERE manna_crypt.is_encrypted(access_token)"
+                         ).fetchone()[0] == 2
+        assert c.execute("SELECT count(*) FROM manna_crypt.keys WHERE keyring = 'plaid_tokens'").fetchone()[0] == 1
+    monkeypatch.setenv("MC_TEST_RAISE", "0")
+    command.upgrade(cfg, "head")
+    with connect(alembic_db) as c:
+        assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0002"
+
+    # The operations from a MigrationContext directly, already in autocommit
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    eng = create_engine(f"postgresql+psycopg:///{alembic_db}?host={HOST}&port={PORT}")
+    try:
+        with eng.connect() as conn:
+            ctx = MigrationContext.configure(conn)
+            op = Operations(ctx)
+            with ctx.begin_transaction():
+                with ctx.autocommit_block():
+                    run = op.rewrap_column("plaid_items", "access_token", "plaid_tokens", aad_column="id",
+                                           raise_on_failure=False)
+                    assert isinstance(run, int)
+                conn.execute(text("CREATE TABLE users (id int PRIMARY KEY, ssn text)"))
+                conn.execute(text("INSERT INTO users VALUES (1, '123-45-6789'), (2, NULL)"))
+                op.create_keyring("pii")
+                run2 = op.encrypt_column("users", "ssn", "pii", aad_column="id", batch_size=10)
+                assert run2 > run
+    finally:
+        eng.dispose()
+    with connect(alembic_db) as c:
+        assert c.execute("SELECT manna_crypt.decrypt_gcm(ssn, id::text) FROM users ORDER BY id").fetchall() == [
+            ("123-45-6789",), (None,)]
+
+
+def test_alembic_offline_sql(tmp_path, alembic_db):
+    """--sql mode writes the statements (CALLs after a COMMIT) instead of running them."""
+    import io
+
+    from alembic import command
+
+    cfg, proj = alembic_project(tmp_path, alembic_db)
+    (proj / "env.py").write_text(textwrap.dedent('''
+        from alembic import context
+        import manna_crypt.alembic  # noqa: F401
+        context.configure(url=context.config.get_main_option("sqlalchemy.url"), literal_binds=True)
+        with context.begin_transaction():
+            context.run_migrations()
+    '''))
+    buf = io.StringIO()
+    cfg.output_buffer = buf
+    os.environ.setdefault("MC_TEST_FERNET_KEY", "unused-in-offline-mode")
+    command.upgrade(cfg, "0001:0002", sql=True)
+    out = buf.getvalue()
+    assert "SELECT manna_crypt.create_keyring('plaid_tokens', CAST('90 days' AS interval))" in out
+    assert "COMMIT;" in out
+    assert ("CALL manna_crypt.migrate_fernet(CAST('plaid_items' AS regclass), CAST('access_token' AS name), "
+            "CAST('legacy_fernet' AS text), CAST('plaid_tokens' AS text), batch_size => CAST(500 AS integer)") in out
+    assert "SELECT manna_crypt.protect_column(CAST('plaid_items' AS regclass)" in out
+
+
+# ---- the package from a fresh clone --------------------------------------------------------------
+
+
+def test_package_installs_from_fresh_clone(tmp_path):
+    """`pip install ./python` in a fresh clone into a fresh venv, offline:
+    the build backend and SQLAlchemy come from target/wheelhouse
+    (scripts/common.sh ensure_venv), nothing from the network."""
+    wheelhouse = MC_ROOT / "target" / "wheelhouse"
+    assert (wheelhouse / ".done").exists(), "no target/wheelhouse: run the tests with scripts/test.sh"
+    clone, venv = tmp_path / "clone", tmp_path / "venv"
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(MC_ROOT), str(clone)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    env = dict(os.environ, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(wheelhouse), PIP_DISABLE_PIP_VERSION_CHECK="1")
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", str(clone / "python")], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    check = textwrap.dedent('''
+        import manna_crypt, manna_crypt.sqlalchemy, importlib.util, sys
+        from sqlalchemy import BigInteger, Column, MetaData, Table, select
+        from sqlalchemy.dialects import postgresql
+        assert manna_crypt.__version__ == "0.2.0"
+        assert manna_crypt.__file__.startswith(sys.prefix), manna_crypt.__file__
+        for m in ("alembic", "psycopg", "mc1"):
+            assert importlib.util.find_spec("manna_crypt." + m) is not None, m
+        t = Table("t", MetaData(), Column("id", BigInteger, primary_key=True),
+                  Column("tok", manna_crypt.sqlalchemy.EncryptedText("kr", aad="id")))
+        print(select(t).compile(dialect=postgresql.dialect()))
+    ''')
+    r = subprocess.run([str(py), "-c", check], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "manna_crypt.decrypt_gcm(t.tok, CAST(t.id AS TEXT))" in r.stdout
+
+
+def test_package_version_matches_extension(conn):
+    assert manna_crypt.__version__ == conn.execute(
+        "SELECT default_version FROM pg_available_extensions WHERE name = 'manna_crypt'").fetchone()[0]
