@@ -142,8 +142,10 @@ COMMENT ON FUNCTION manna_crypt._reencrypt_value(tid, bigint) IS 'internal: the 
 -- a direct call of either does nothing useful (39P01; a format check).
 GRANT EXECUTE ON FUNCTION
     manna_crypt.protect_column(regclass, text, text, text),
-    manna_crypt.unprotect_column(regclass, text)
+    manna_crypt.unprotect_column(regclass, text),
+    manna_crypt.health()
   TO manna_crypt_user;
+COMMENT ON FUNCTION manna_crypt.health() IS 'for an application''s health check: {version, ok, root_key_state[, error]}; nothing about keyrings or keys';
 GRANT EXECUTE ON FUNCTION
     manna_crypt._protect(),
     manna_crypt._protected_check(text, text)

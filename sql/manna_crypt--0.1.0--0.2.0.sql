@@ -320,3 +320,11 @@ COMMENT ON FUNCTION manna_crypt.protect_column(regclass, text, text, text) IS 'e
 COMMENT ON FUNCTION manna_crypt.unprotect_column(regclass, text) IS 'stop encrypting writes to a protected column (stored values stay as they are)';
 COMMENT ON FUNCTION manna_crypt._protect() IS 'internal: the protect trigger (arguments: column, keyring, AAD column triplets)';
 COMMENT ON FUNCTION manna_crypt._protected_check(text, text) IS 'internal: the CHECK of a protected column; raises 23514 without the row for anything but a ciphertext';
+
+-- ---- 0.2.0: a health check for application roles ----------------------------
+CREATE FUNCTION manna_crypt.health() RETURNS jsonb
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'health_wrapper';
+REVOKE EXECUTE ON FUNCTION manna_crypt.health() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION manna_crypt.health() TO manna_crypt_user;
+COMMENT ON FUNCTION manna_crypt.health() IS 'for an application''s health check: {version, ok, root_key_state[, error]}; nothing about keyrings or keys';
