@@ -192,15 +192,16 @@ fn check_name(col: &str) -> String {
     name
 }
 
+fn has_constraint(tbl: Regclass, name: &str) -> McResult<bool> {
+    Ok(
+        spi::one::<bool>(Mode::Read, HAS_CONSTRAINT, &[tbl.0.into(), name.into()])?
+            .unwrap_or(false),
+    )
+}
+
 fn add_check(tbl: Regclass, table: &str, col: &str) -> McResult<()> {
     let name = check_name(col);
-    let exists = spi::one::<bool>(
-        Mode::Read,
-        HAS_CONSTRAINT,
-        &[tbl.0.into(), name.as_str().into()],
-    )?
-    .unwrap_or(false);
-    if !exists {
+    if !has_constraint(tbl, &name)? {
         ddl(ADD_CHECK, &[tbl.0.into(), name.as_str().into(), col.into()])?;
     }
     let validated = subxact::attempt(|| ddl(VALIDATE_CHECK, &[tbl.0.into(), name.as_str().into()]));
@@ -342,13 +343,7 @@ fn unprotect(tbl: Regclass, col: &str) -> McResult<()> {
         install_trigger(tbl, true, &specs)?;
     }
     let name = check_name(col);
-    let exists = spi::one::<bool>(
-        Mode::Read,
-        HAS_CONSTRAINT,
-        &[tbl.0.into(), name.as_str().into()],
-    )?
-    .unwrap_or(false);
-    if exists {
+    if has_constraint(tbl, &name)? {
         ddl(DROP_CHECK, &[tbl.0.into(), name.as_str().into()])?;
     }
     let role = caller_name();
