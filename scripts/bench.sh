@@ -6,6 +6,8 @@
 #
 # Sections: gcm - encrypt_gcm / decrypt_gcm (raw key and keyring) against
 #                 pgcrypto's encrypt()/decrypt() with AES-256-CBC
+#           protect - INSERT and COPY of MC_BENCH_ROWS/10 rows into a
+#                 protected column (trigger) against explicit encrypt_gcm
 #           migrate - migrate_fernet against the client-side way and a floor
 #           locking - the optimistic-locking trigger under pgbench
 #           orm - SQLAlchemy inserts through EncryptedText against plain Text
@@ -26,7 +28,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 cd "$MC_ROOT"
 
-SECTIONS=(gcm migrate locking orm)
+SECTIONS=(gcm protect migrate locking orm)
 BENCH_DIR=${MC_BENCH_DIR:-$MC_ROOT/target/bench}
 BENCH_PORT=${MC_BENCH_PORT:-55480}
 ROWS=${MC_BENCH_ROWS:-1000000}
@@ -205,6 +207,49 @@ bench_gcm() {
         "'decrypt_gcm raw / pgcrypto decrypt', 'decrypt_gcm raw key', 'pgcrypto decrypt aes-256-cbc', 0.5, 2" \
         "'encrypt_gcm keyring / raw key', 'encrypt_gcm keyring', 'encrypt_gcm raw key', 1.1, 3" \
         "'decrypt_gcm keyring / raw key', 'decrypt_gcm keyring', 'decrypt_gcm raw key', 1.1, 4"
+}
+
+# Protected columns: the trigger against calling encrypt_gcm in the INSERT
+# itself, and COPY (a BEFORE ROW trigger turns off COPY's multi-row
+# inserts) against COPY of ciphertexts into a plain table.
+bench_protect() {
+    local n=$((ROWS / 10)) csv="$BENCH_DIR/protect_tokens.csv"
+    log "section protect: preparing $n rows"
+    ensure_tokens
+    bpsql -q -c "SET client_min_messages = warning" -c "
+        SELECT manna_crypt.create_keyring('bench_p');
+        CREATE TABLE bench.t_src AS SELECT row_number() OVER () AS id, v FROM bench.tokens LIMIT $n;
+        CREATE TABLE bench.p_plain (id bigint, token text);
+        CREATE TABLE bench.p_explicit (id bigint, token text);
+        CREATE TABLE bench.p_protected (id bigint, token text);
+        SELECT manna_crypt.protect_column('bench.p_protected', 'token', 'bench_p', 'id');
+        COPY bench.t_src TO '$csv' (FORMAT csv);
+        CREATE PROCEDURE bench.refill(tbl text, q text) LANGUAGE plpgsql AS \$\$
+        BEGIN EXECUTE format('TRUNCATE %s', tbl); EXECUTE q; END \$\$;" >/dev/null
+    record protect "insert: plain text (floor)" \
+        "CALL bench.refill('bench.p_plain', 'INSERT INTO bench.p_plain SELECT id, v FROM bench.t_src')"
+    record protect "insert: encrypt_gcm(v, keyring, id::text)" \
+        "CALL bench.refill('bench.p_explicit', 'INSERT INTO bench.p_explicit SELECT id, manna_crypt.encrypt_gcm(v, ''bench_p'', id::text) FROM bench.t_src')" \
+        "insert: plain text (floor)"
+    record protect "insert: protected column (trigger)" \
+        "CALL bench.refill('bench.p_protected', 'INSERT INTO bench.p_protected SELECT id, v FROM bench.t_src')" \
+        "insert: plain text (floor)"
+    record protect "copy: plain text (floor)" \
+        "CALL bench.refill('bench.p_plain', 'COPY bench.p_plain FROM ''$csv'' (FORMAT csv)')"
+    record protect "copy: protected column (trigger)" \
+        "CALL bench.refill('bench.p_protected', 'COPY bench.p_protected FROM ''$csv'' (FORMAT csv)')" \
+        "copy: plain text (floor)"
+    run protect
+    local ok
+    ok=$(bpsql -qAt -c "SELECT count(*) = $n AND bool_and(manna_crypt.decrypt_gcm(token, id::text) LIKE 'access-sandbox-%')
+                          FROM bench.p_protected")
+    [ "$ok" = t ] || die "the protected table does not hold the encrypted tokens"
+    echo
+    echo "== protect: $n rows, one core, best of $RUNS rounds (load average: $(cut -d' ' -f1-3 /proc/loadavg)) =="
+    report protect
+    ratios protect \
+        "'INSERT: trigger / explicit encrypt_gcm', 'insert: protected column (trigger)', 'insert: encrypt_gcm(v, keyring, id::text)', 1.3, 1" \
+        "'COPY: trigger / plain COPY (cost of the trigger)', 'copy: protected column (trigger)', 'copy: plain text (floor)', 99, 2"
 }
 
 # In-place Fernet migration against the client-side way and the UPDATE floor

@@ -136,3 +136,21 @@ COMMENT ON FUNCTION manna_crypt._reencrypt_step(bigint) IS 'internal: re-encrypt
 COMMENT ON FUNCTION manna_crypt._reencrypt_finish(bigint) IS 'internal: finish a re-encryption run';
 COMMENT ON FUNCTION manna_crypt._reencrypt_row(tid, text, text, bigint) IS 'internal: convert one row inside a re-encryption batch, or record why not';
 COMMENT ON FUNCTION manna_crypt._reencrypt_value(tid, bigint) IS 'internal: the value _reencrypt_row produced for the row being updated';
+
+-- Protected columns: the table's owner installs them (checked inside);
+-- the trigger function and the CHECK's function run for every writer, and
+-- a direct call of either does nothing useful (39P01; a format check).
+GRANT EXECUTE ON FUNCTION
+    manna_crypt.protect_column(regclass, text, text, text),
+    manna_crypt.unprotect_column(regclass, text),
+    manna_crypt.health()
+  TO manna_crypt_user;
+COMMENT ON FUNCTION manna_crypt.health() IS 'for an application''s health check: {version, ok, root_key_state[, error]}; nothing about keyrings or keys';
+GRANT EXECUTE ON FUNCTION
+    manna_crypt._protect(),
+    manna_crypt._protected_check(text, text)
+  TO PUBLIC;
+COMMENT ON FUNCTION manna_crypt.protect_column(regclass, text, text, text) IS 'encrypt every plaintext written to a text column under a keyring, bound to the row''s AAD column, with a trigger and a CHECK; table owner only; idempotent';
+COMMENT ON FUNCTION manna_crypt.unprotect_column(regclass, text) IS 'stop encrypting writes to a protected column (stored values stay as they are)';
+COMMENT ON FUNCTION manna_crypt._protect() IS 'internal: the protect trigger (arguments: column, keyring, AAD column triplets)';
+COMMENT ON FUNCTION manna_crypt._protected_check(text, text) IS 'internal: the CHECK of a protected column; raises 23514 without the row for anything but a ciphertext';

@@ -286,3 +286,45 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'reload_root_key_wrapper';
 REVOKE EXECUTE ON FUNCTION manna_crypt.reload_root_key() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION manna_crypt.reload_root_key() TO manna_crypt_admin;
 COMMENT ON FUNCTION manna_crypt.reload_root_key() IS 'load the root key (and the previous one, when set) afresh from its source for the whole server, even while a failing command is in back-off; returns the current root key''s fingerprint';
+
+-- ---- 0.2.0: protected columns (issue 11) ------------------------------------
+CREATE FUNCTION manna_crypt."_protect"() RETURNS trigger
+LANGUAGE c AS 'MODULE_PATHNAME', '_protect_wrapper';
+CREATE FUNCTION manna_crypt.protect_column(tbl regclass, col text, keyring text, aad_column text DEFAULT NULL)
+RETURNS void VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'protect_column_wrapper';
+CREATE FUNCTION manna_crypt.unprotect_column(tbl regclass, col text)
+RETURNS void VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'unprotect_column_wrapper';
+CREATE FUNCTION manna_crypt._protected_check(value text, col text)
+RETURNS boolean IMMUTABLE PARALLEL SAFE
+LANGUAGE c AS 'MODULE_PATHNAME', '_protected_check_wrapper';
+REVOKE EXECUTE ON FUNCTION
+    manna_crypt._protect(),
+    manna_crypt.protect_column(regclass, text, text, text),
+    manna_crypt.unprotect_column(regclass, text),
+    manna_crypt._protected_check(text, text)
+  FROM PUBLIC;
+-- Protected columns: the table's owner installs them (checked inside);
+-- the trigger function and the CHECK's function run for every writer, and
+-- a direct call of either does nothing useful (39P01; a format check).
+GRANT EXECUTE ON FUNCTION
+    manna_crypt.protect_column(regclass, text, text, text),
+    manna_crypt.unprotect_column(regclass, text)
+  TO manna_crypt_user;
+GRANT EXECUTE ON FUNCTION
+    manna_crypt._protect(),
+    manna_crypt._protected_check(text, text)
+  TO PUBLIC;
+COMMENT ON FUNCTION manna_crypt.protect_column(regclass, text, text, text) IS 'encrypt every plaintext written to a text column under a keyring, bound to the row''s AAD column, with a trigger and a CHECK; table owner only; idempotent';
+COMMENT ON FUNCTION manna_crypt.unprotect_column(regclass, text) IS 'stop encrypting writes to a protected column (stored values stay as they are)';
+COMMENT ON FUNCTION manna_crypt._protect() IS 'internal: the protect trigger (arguments: column, keyring, AAD column triplets)';
+COMMENT ON FUNCTION manna_crypt._protected_check(text, text) IS 'internal: the CHECK of a protected column; raises 23514 without the row for anything but a ciphertext';
+
+-- ---- 0.2.0: a health check for application roles ----------------------------
+CREATE FUNCTION manna_crypt.health() RETURNS jsonb
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'health_wrapper';
+REVOKE EXECUTE ON FUNCTION manna_crypt.health() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION manna_crypt.health() TO manna_crypt_user;
+COMMENT ON FUNCTION manna_crypt.health() IS 'for an application''s health check: {version, ok, root_key_state[, error]}; nothing about keyrings or keys';

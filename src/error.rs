@@ -84,6 +84,15 @@ pub enum McError {
     UndefinedTable { message: String },
     /// 54000: a value would exceed PostgreSQL's 1 GB limit.
     TooLarge { message: String, detail: String },
+    /// 23514: a value that a protected column's CHECK refuses (the protect
+    /// trigger was bypassed). Never names the row's values.
+    CheckViolation {
+        message: String,
+        detail: String,
+        hint: String,
+    },
+    /// 22004: a NULL where a value is needed (a protected column's AAD).
+    NullValue { message: String, hint: String },
 }
 
 pub type McResult<T> = Result<T, McError>;
@@ -145,6 +154,8 @@ impl McError {
             McError::PermissionDenied { .. } => Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
             McError::UndefinedTable { .. } => Code::ERRCODE_UNDEFINED_TABLE,
             McError::TooLarge { .. } => Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            McError::CheckViolation { .. } => Code::ERRCODE_CHECK_VIOLATION,
+            McError::NullValue { .. } => Code::ERRCODE_NULL_VALUE_NOT_ALLOWED,
         }
     }
 
@@ -217,6 +228,12 @@ impl McError {
             | McError::PermissionDenied { message, hint } => (message, None, Some(hint)),
             McError::UndefinedTable { message } => (message, None, None),
             McError::TooLarge { message, detail } => (message, Some(detail), None),
+            McError::CheckViolation {
+                message,
+                detail,
+                hint,
+            } => (message, Some(detail), Some(hint)),
+            McError::NullValue { message, hint } => (message, None, Some(hint)),
         }
     }
 

@@ -9,7 +9,8 @@
 //!    identity switches, settings) with no SQL-visible function;
 //! 2. [`keys`]: the root key, the key tables, the key cache, the lifecycle;
 //! 3. [`crypto`]: the seal/open service every SQL surface shares;
-//! 4. the SQL surfaces: [`gcm`], [`fernet`], [`locking`], [`reencrypt`].
+//! 4. the SQL surfaces: [`gcm`], [`fernet`], [`locking`], [`reencrypt`],
+//!    [`protect`].
 
 use pgrx::prelude::*;
 
@@ -20,6 +21,7 @@ mod gcm;
 mod keys;
 mod locking;
 mod pg;
+mod protect;
 mod reencrypt;
 
 ::pgrx::pg_module_magic!(name, version);

@@ -101,6 +101,25 @@ fn root_failure(e: McError) -> Value {
     }
 }
 
+/// For an application's health check (EXECUTE: `manna_crypt_user`):
+/// whether keyring encryption works here — the library version and the
+/// root key's state, nothing about keyrings or keys.
+#[pg_extern(volatile, parallel_unsafe)]
+fn health() -> JsonB {
+    let root = root_info();
+    let state = root["state"].as_str().unwrap_or("unknown").to_owned();
+    let ok = state == "loaded" && root["matches_stored_keys"] != json!(false);
+    let mut out = json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "ok": ok,
+        "root_key_state": state,
+    });
+    if !ok {
+        out["error"] = root["error"].clone();
+    }
+    JsonB(out)
+}
+
 /// Loads the root key (and the previous one, when set) afresh from its
 /// source for the whole server, even while a failing command is in
 /// back-off; returns the current root key's fingerprint. On failure the

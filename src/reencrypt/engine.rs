@@ -189,6 +189,20 @@ fn lock_run(lock_name: &str, tbl_sql: &str, col: &str) -> McResult<()> {
     })
 }
 
+/// A protected column's values are bound to its AAD column: the run uses
+/// it (when `aad_column` is not given) and refuses another.
+fn protected_aad(oid: pg_sys::Oid, col: &str, given: Option<&str>) -> McResult<Option<String>> {
+    match (crate::protect::setup::protected_aad(oid, col)?, given) {
+        (None, given) => Ok(given.map(str::to_owned)),
+        (Some(aad), None) => Ok(aad),
+        (Some(aad), Some(g)) if aad.as_deref() == Some(g) => Ok(aad),
+        (Some(aad), Some(g)) => Err(McError::bad_arg(format!(
+            "column \"{col}\" is protected with AAD column {}, not \"{g}\"",
+            aad.map_or("(none)".to_owned(), |a| format!("\"{a}\""))
+        ))),
+    }
+}
+
 fn start(
     mode: Mode,
     oid: pg_sys::Oid,
@@ -202,6 +216,8 @@ fn start(
     register_callbacks();
     target::check_table(oid)?;
     let col_sql = target::text_column(oid, col)?;
+    let aad_column = protected_aad(oid, col, aad_column)?;
+    let aad_column = aad_column.as_deref();
     let aad_sql = aad_column
         .map(|a| target::aad_column(oid, a, col))
         .transpose()?;

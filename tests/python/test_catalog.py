@@ -6,7 +6,17 @@ import re
 # The format checks (the domain's CHECK runs as whoever writes), and the two
 # per-row functions of a re-encryption batch, which runs as the table's owner
 # and which refuse to work outside the batch that issued them.
-PUBLIC_FUNCTIONS = {"is_encrypted", "key_id", "_reencrypt_row", "_reencrypt_value"}
+# The format checks; the per-row re-encryption functions (token-guarded);
+# the protect trigger (39P01 when called) and its CHECK (a format check),
+# which every writer of a protected table runs.
+PUBLIC_FUNCTIONS = {
+    "is_encrypted",
+    "key_id",
+    "_reencrypt_row",
+    "_reencrypt_value",
+    "_protect",
+    "_protected_check",
+}
 
 
 def members(conn, classid):

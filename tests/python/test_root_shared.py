@@ -209,6 +209,16 @@ def test_reload_root_key_runs_the_command_once_and_is_admin_only(shared):
     with c.connect("app", user="app_user") as u:
         assert u.execute(ROUNDTRIP).fetchone()[0] == "v"
         E(u, "42501", "SELECT manna_crypt.reload_root_key()")
+        E(u, "42501", "SELECT manna_crypt.info()")
+        health = u.execute("SELECT manna_crypt.health()").fetchone()[0]
+        assert health == {"version": health["version"], "ok": True, "root_key_state": "loaded"}
+    # A failing source with nothing loaded: the health check says so.
+    c.restart()
+    kms.set_failing(True)
+    with c.connect("app", user="app_user") as u:
+        health = u.execute("SELECT manna_crypt.health()").fetchone()[0]
+    assert health["ok"] is False and health["root_key_state"] == "failing"
+    assert "exit status 3" in health["error"]
 
 
 def _backend_running(c: Cluster, query_like: str) -> int | None:

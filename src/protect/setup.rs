@@ -1,0 +1,377 @@
+//! `protect_column()` / `unprotect_column()`: install and remove the
+//! protect trigger and the CHECK that backs it, for the table's owner.
+//!
+//! The DDL runs as the caller, who must own the table (or be a member of
+//! its owner role): nothing runs with another role's rights, and no code of
+//! the table's owner runs with the caller's. Only the registration (so the
+//! keys the column uses cannot be revoked under it) and its audit row are
+//! written as the extension owner.
+//!
+//! The CHECK is added `NOT VALID` and then validated in a subtransaction:
+//! a table that still holds plaintext keeps the trigger (new writes are
+//! encrypted) and an unvalidated CHECK, and a NOTICE says how to encrypt
+//! the rest and validate. A domain CHECK (`encrypted_text`) would run
+//! before the trigger and refuse the plaintext the trigger is there to
+//! encrypt; a table CHECK runs after BEFORE triggers.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use serde_json::json;
+
+use super::trigger::TRIGGER_NAME;
+use crate::error::{not_null, McError, McResult, OrRaise};
+use crate::keys::{store, usage};
+use crate::pg::datum::Regclass;
+use crate::pg::report;
+use crate::pg::security::{caller_name, run_as, Identity};
+use crate::pg::spi::{self, Mode};
+use crate::pg::subxact;
+
+const TABLE: &str = "\
+    SELECT c.relkind::text, pg_catalog.pg_has_role(c.relowner, 'USAGE'), \
+           c.oid::pg_catalog.regclass::text \
+      FROM pg_catalog.pg_class c WHERE c.oid = $1";
+
+const COLUMN: &str = "\
+    SELECT pg_catalog.format_type(a.atttypid, NULL), a.attgenerated <> '' \
+      FROM pg_catalog.pg_attribute a \
+     WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped";
+
+const TRIGGER_ARGS: &str = "\
+    SELECT pg_catalog.encode(t.tgargs, 'escape') FROM pg_catalog.pg_trigger t \
+     WHERE t.tgrelid = $1 AND t.tgname = $2";
+
+const KEYRING_KIND: &str = "SELECT kind FROM manna_crypt.keyrings WHERE name = $1";
+
+const CREATE_TRIGGER: &str = "\
+    SELECT pg_catalog.format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE ON %s FOR EACH ROW \
+             EXECUTE FUNCTION manna_crypt._protect(%s)', $2, $1::pg_catalog.regclass, \
+           (SELECT pg_catalog.string_agg(pg_catalog.quote_literal(a), ', ' ORDER BY o) \
+              FROM pg_catalog.unnest($3::text[]) WITH ORDINALITY AS u(a, o)))";
+
+const DROP_TRIGGER: &str = "\
+    SELECT pg_catalog.format('DROP TRIGGER %I ON %s', $2, $1::pg_catalog.regclass)";
+
+const HAS_CONSTRAINT: &str = "\
+    SELECT EXISTS (SELECT FROM pg_catalog.pg_constraint WHERE conrelid = $1 AND conname = $2)";
+
+const ADD_CHECK: &str = "\
+    SELECT pg_catalog.format('ALTER TABLE %s ADD CONSTRAINT %I CHECK \
+             (manna_crypt._protected_check(%I, %L)) NOT VALID', \
+           $1::pg_catalog.regclass, $2, $3, $3)";
+
+const VALIDATE_CHECK: &str = "\
+    SELECT pg_catalog.format('ALTER TABLE %s VALIDATE CONSTRAINT %I', \
+           $1::pg_catalog.regclass, $2)";
+
+const DROP_CHECK: &str = "\
+    SELECT pg_catalog.format('ALTER TABLE %s DROP CONSTRAINT %I', \
+           $1::pg_catalog.regclass, $2)";
+
+/// Types whose text form does not depend on session settings.
+const AAD_TYPES: [&str; 6] = [
+    "smallint",
+    "integer",
+    "bigint",
+    "text",
+    "character varying",
+    "uuid",
+];
+
+/// Runs a DDL statement that `builder` (a `format()` query) spells out.
+fn ddl(builder: &str, args: &[spi::Arg<'_>]) -> McResult<()> {
+    let sql = spi::one::<String>(Mode::Read, builder, args)?
+        .ok_or_else(|| McError::Internal("format() returned NULL".into()))?;
+    spi::run(&sql, &[])
+}
+
+/// The table's name, after checking it is an ordinary or partitioned table
+/// the caller owns.
+fn owned_table(tbl: Regclass) -> McResult<String> {
+    let row = spi::rows(Mode::Read, TABLE, &[tbl.0.into()], |r| {
+        Ok((r.req::<String>(1)?, r.req::<bool>(2)?, r.req::<String>(3)?))
+    })?;
+    let Some((kind, owner, name)) = row.into_iter().next() else {
+        return Err(McError::UndefinedTable {
+            message: format!("relation with OID {} does not exist", tbl.0.to_u32()),
+        });
+    };
+    if kind != "r" && kind != "p" {
+        return Err(McError::bad_arg(format!("\"{name}\" is not a table")));
+    }
+    if !owner {
+        return Err(McError::PermissionDenied {
+            message: format!("must be owner of table {name}"),
+            hint: "protect_column() and unprotect_column() are for the table's owner".into(),
+        });
+    }
+    Ok(name)
+}
+
+/// The column's type name and whether it is generated.
+fn column_type(tbl: Regclass, table: &str, col: &str) -> McResult<(String, bool)> {
+    spi::rows(Mode::Read, COLUMN, &[tbl.0.into(), col.into()], |r| {
+        Ok((r.req::<String>(1)?, r.req::<bool>(2)?))
+    })?
+    .into_iter()
+    .next()
+    .ok_or_else(|| McError::UndefinedColumn {
+        message: format!("column \"{col}\" of table {table} does not exist"),
+        hint: "name an existing column".into(),
+    })
+}
+
+pub fn aad_type_error(col: &str) -> McError {
+    McError::WrongType {
+        message: format!("AAD column \"{col}\" has a type whose text form is not fixed"),
+        hint: "use a smallint, integer, bigint, text, varchar or uuid column as AAD (the text of \
+               timestamps, floats and bytea depends on session settings)"
+            .into(),
+    }
+}
+
+/// The protected columns of the table: (col, keyring, aad) triplets from
+/// the trigger's arguments.
+fn current_specs(tbl: Regclass) -> McResult<Vec<[String; 3]>> {
+    let args = spi::one::<String>(
+        Mode::Read,
+        TRIGGER_ARGS,
+        &[tbl.0.into(), TRIGGER_NAME.into()],
+    )?;
+    let Some(args) = args else {
+        return Ok(Vec::new());
+    };
+    // tgargs: each argument followed by a NUL, shown by encode(.., 'escape')
+    // as "\000"; a backslash in an argument is shown doubled.
+    let parts: Vec<String> = args
+        .split("\\000")
+        .map(|a| a.replace("\\\\", "\\"))
+        .collect();
+    let parts = &parts[..parts.len().saturating_sub(1)];
+    Ok(parts
+        .chunks(3)
+        .filter(|c| c.len() == 3)
+        .map(|c| [c[0].clone(), c[1].clone(), c[2].clone()])
+        .collect())
+}
+
+/// Replaces the table's protect trigger (`existed`: there is one to drop)
+/// by one with `specs`, or by none.
+/// For the re-encryption procedures: `Some(aad)` when `tbl.col` is
+/// protected (`aad` its AAD column, `None` for none), `None` when it is not.
+pub fn protected_aad(tbl: pg_sys::Oid, col: &str) -> McResult<Option<Option<String>>> {
+    Ok(current_specs(Regclass(tbl))?
+        .into_iter()
+        .find(|s| s[0] == col)
+        .map(|[_, _, aad]| (!aad.is_empty()).then_some(aad)))
+}
+
+fn install_trigger(tbl: Regclass, existed: bool, specs: &[[String; 3]]) -> McResult<()> {
+    if existed {
+        ddl(DROP_TRIGGER, &[tbl.0.into(), TRIGGER_NAME.into()])?;
+    }
+    if specs.is_empty() {
+        return Ok(());
+    }
+    let flat: Vec<String> = specs.iter().flatten().cloned().collect();
+    ddl(
+        CREATE_TRIGGER,
+        &[tbl.0.into(), TRIGGER_NAME.into(), flat.into()],
+    )
+}
+
+/// The CHECK's name: `manna_crypt_protected_` and the column's name, cut to
+/// PostgreSQL's identifier length at a character boundary.
+fn check_name(col: &str) -> String {
+    let mut name = format!("manna_crypt_protected_{col}");
+    let mut n = name.len().min(63);
+    while !name.is_char_boundary(n) {
+        n -= 1;
+    }
+    name.truncate(n);
+    name
+}
+
+fn has_constraint(tbl: Regclass, name: &str) -> McResult<bool> {
+    Ok(
+        spi::one::<bool>(Mode::Read, HAS_CONSTRAINT, &[tbl.0.into(), name.into()])?
+            .unwrap_or(false),
+    )
+}
+
+fn add_check(tbl: Regclass, table: &str, col: &str) -> McResult<()> {
+    let name = check_name(col);
+    if !has_constraint(tbl, &name)? {
+        ddl(ADD_CHECK, &[tbl.0.into(), name.as_str().into(), col.into()])?;
+    }
+    let validated = subxact::attempt(|| ddl(VALIDATE_CHECK, &[tbl.0.into(), name.as_str().into()]));
+    match validated {
+        Ok(result) => result,
+        Err(failed) if failed.code == pgrx::PgSqlErrorCode::ERRCODE_CHECK_VIOLATION => {
+            report::notice(format!(
+                "column \"{col}\" of table {table} still holds values that are not ciphertexts; \
+                 new writes are encrypted from now on. Encrypt the rest with CALL \
+                 manna_crypt.encrypt_column(...), then ALTER TABLE {table} VALIDATE CONSTRAINT \
+                 \"{name}\""
+            ));
+            Ok(())
+        }
+        Err(failed) => Err(McError::WrongState {
+            message: failed.message,
+            detail: None,
+            hint: None,
+        }),
+    }
+}
+
+/// Encrypts every value written to `tbl.col` under `keyring`, bound to the
+/// row's `aad_column`; see README "Protected columns".
+#[pg_extern(volatile, parallel_unsafe)]
+fn protect_column(
+    tbl: Option<Regclass>,
+    col: Option<&str>,
+    keyring: Option<&str>,
+    aad_column: default!(Option<&str>, "NULL"),
+) {
+    let tbl = not_null(tbl, "tbl");
+    let col = not_null(col, "col");
+    let keyring = not_null(keyring, "keyring");
+    protect(tbl, col, keyring, aad_column.filter(|a| !a.is_empty())).or_raise()
+}
+
+fn protect(tbl: Regclass, col: &str, keyring: &str, aad: Option<&str>) -> McResult<()> {
+    let table = owned_table(tbl)?;
+    let (ty, _) = column_type(tbl, &table, col)?;
+    if ty != "text" {
+        return Err(McError::WrongType {
+            message: format!("column \"{col}\" of table {table} is {ty}, not text"),
+            hint: if ty == "manna_crypt.encrypted_text" {
+                "ALTER TABLE ... ALTER COLUMN ... TYPE text first (no table rewrite): the \
+                 domain's CHECK would refuse plaintext before the trigger could encrypt it"
+            } else {
+                "a protected column is of type text"
+            }
+            .into(),
+        });
+    }
+    if let Some(aad) = aad {
+        if aad == col {
+            return Err(McError::bad_arg("the AAD column must be another column"));
+        }
+        let (aad_ty, generated) = column_type(tbl, &table, aad)?;
+        if generated {
+            return Err(McError::bad_arg(format!(
+                "AAD column \"{aad}\" is a generated column, which BEFORE triggers cannot see"
+            )));
+        }
+        if !AAD_TYPES.contains(&aad_ty.as_str()) {
+            return Err(aad_type_error(aad));
+        }
+    }
+    let kind = run_as(Identity::ExtensionOwner, || {
+        spi::one::<String>(Mode::Read, KEYRING_KIND, &[keyring.into()])
+    })?;
+    match kind.as_deref() {
+        None => return Err(McError::unknown_keyring(keyring)),
+        Some("gcm") => {}
+        Some(_) => {
+            return Err(McError::bad_arg(format!(
+                "keyring \"{keyring}\" is a Fernet keyring, which cannot encrypt"
+            )))
+        }
+    }
+    let mut specs = current_specs(tbl)?;
+    let existed = !specs.is_empty();
+    let spec = [
+        col.to_owned(),
+        keyring.to_owned(),
+        aad.unwrap_or("").to_owned(),
+    ];
+    let changed = match specs.iter_mut().find(|s| s[0] == col) {
+        Some(s) if *s == spec => false,
+        Some(s) => {
+            *s = spec;
+            true
+        }
+        None => {
+            specs.push(spec);
+            true
+        }
+    };
+    if changed {
+        install_trigger(tbl, existed, &specs)?;
+    }
+    add_check(tbl, &table, col)?;
+    let role = caller_name();
+    run_as(Identity::ExtensionOwner, || {
+        usage::register(tbl.0, col)?;
+        audit(&role, "protect_column", &table, col, Some((keyring, aad)))
+    })
+}
+
+fn audit(
+    role: &str,
+    event: &str,
+    table: &str,
+    col: &str,
+    how: Option<(&str, Option<&str>)>,
+) -> McResult<()> {
+    let mut detail = json!({ "table": table, "column": col });
+    if let Some((keyring, aad)) = how {
+        detail["keyring"] = json!(keyring);
+        detail["aad_column"] = json!(aad);
+    }
+    store::audit(role, event, None, None, detail)
+}
+
+/// Stops encrypting writes to `tbl.col`: removes it from the protect
+/// trigger and drops its CHECK. Stored values stay as they are (and the
+/// column stays registered, so its keys stay protected).
+#[pg_extern(volatile, parallel_unsafe)]
+fn unprotect_column(tbl: Option<Regclass>, col: Option<&str>) {
+    let tbl = not_null(tbl, "tbl");
+    let col = not_null(col, "col");
+    unprotect(tbl, col).or_raise()
+}
+
+fn unprotect(tbl: Regclass, col: &str) -> McResult<()> {
+    let table = owned_table(tbl)?;
+    let mut specs = current_specs(tbl)?;
+    let before = specs.len();
+    specs.retain(|s| s[0] != col);
+    if specs.len() != before {
+        install_trigger(tbl, true, &specs)?;
+    }
+    let name = check_name(col);
+    if has_constraint(tbl, &name)? {
+        ddl(DROP_CHECK, &[tbl.0.into(), name.as_str().into()])?;
+    }
+    let role = caller_name();
+    run_as(Identity::ExtensionOwner, || {
+        audit(&role, "unprotect_column", &table, col, None)
+    })
+}
+
+/// The CHECK behind a protected column: true for NULL and well-formed
+/// ciphertexts; anything else raises 23514 with a message of its own, never
+/// PostgreSQL's "Failing row contains (...)", which would print the row —
+/// the plaintext — to the client and the log. It fails only when the
+/// trigger was bypassed (disabled, `session_replication_role = replica`).
+#[pg_extern(immutable, parallel_safe)]
+fn _protected_check(value: Option<&str>, col: Option<&str>) -> bool {
+    let Some(value) = value else { return true };
+    if manna_crypt_core::envelope::is_well_formed_text(value) {
+        return true;
+    }
+    McError::CheckViolation {
+        message: format!(
+            "value for protected column \"{}\" is not a manna_crypt ciphertext",
+            col.unwrap_or("?")
+        ),
+        detail: "the protect trigger did not encrypt it (disabled, or \
+                 session_replication_role = replica)"
+            .into(),
+        hint: "write plaintext with the trigger enabled, or write mc1: ciphertexts".into(),
+    }
+    .raise()
+}
