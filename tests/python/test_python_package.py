@@ -46,8 +46,9 @@ from sqlalchemy.orm import (
 
 import manna_crypt
 from manna_crypt import RowsLeftError, mc1
-from manna_crypt.psycopg import forward_notices, health_check, notices_forwarded
+from manna_crypt.psycopg import forward_notices, health, health_check, notices_forwarded
 from manna_crypt.sqlalchemy import EncryptedComparisonError, EncryptedText, decrypted
+from manna_crypt.sqlalchemy import health as sa_health
 from manna_crypt.sqlalchemy import health_check as sa_health_check
 
 from conftest import HOST, PORT, connect, dsn, new_role
@@ -293,26 +294,23 @@ def test_upsert_with_conflict_target_other_than_aad(protected, fresh_db):
     assert st[ids["a"]] == (True, "new-a") and st[ids["b"]] == (True, "old-b")
 
 
-def test_naive_upsert_of_excluded_never_stores_an_undecryptable_value(protected, fresh_db):
-    """SET access_token = excluded.access_token hands the UPDATE a ciphertext
-    sealed for the proposed row's (discarded) id: it must be refused, or
-    stored so that it decrypts for the row — never kept as it is."""
+def test_upsert_set_to_excluded(protected, fresh_db):
+    """SET access_token = excluded.access_token hands the UPDATE trigger the
+    ciphertext the INSERT trigger sealed for the proposed row's (discarded)
+    id; the trigger re-binds it to the row it lands in."""
     with Session(protected) as s:
         s.add(Item(item_id="a", access_token="old-a"))
         s.commit()
-        stmt = pg_insert(Item).values(item_id="a", access_token="new-a")
+        item_id = s.scalars(select(Item.id)).one()
+        stmt = pg_insert(Item).values([{"item_id": "a", "access_token": "new-a"},
+                                       {"item_id": "b", "access_token": "new-b"}])
         stmt = stmt.on_conflict_do_update(index_elements=["item_id"],
                                           set_={"access_token": stmt.excluded.access_token})
-        try:
-            s.execute(stmt)
-            s.commit()
-        except sa.exc.DBAPIError:
-            s.rollback()
-    with connect(fresh_db) as c:
-        bad = c.execute(
-            "SELECT count(*) FROM plaid_items WHERE manna_crypt.decrypt_gcm(access_token, id::text) IS NULL"
-        ).fetchone()[0]
-    assert bad == 0
+        s.execute(stmt)
+        s.commit()
+        got = dict(s.execute(select(Item.item_id, Item.access_token)).tuples().all())
+    assert got == {"a": "new-a", "b": "new-b"}
+    assert stored(fresh_db)[item_id] == (True, "new-a")
 
 
 def test_session_merge(protected, fresh_db):
@@ -345,6 +343,69 @@ def test_plaintext_lookalike_and_types(protected, fresh_db):
             s.commit()
 
 
+def test_deploy_order_fernet_to_gcm_with_rolling_releases(engine, fresh_db):
+    """README "Deploy order": release A reads everything in SQL and still
+    writes Fernet tokens made in Python; the column is protected and
+    migrated while A runs (A's later writes are sealed by the trigger as if
+    plaintext, and A and B still read them); release B writes plaintext;
+    the repair UPDATE and a second migrate_fernet leave only mc1 values of
+    the real plaintexts, which release C reads with decrypt_gcm alone."""
+    key = Fernet.generate_key()
+    f = Fernet(key)
+    with connect(fresh_db) as c:
+        c.execute("SET client_min_messages = warning")
+        c.execute("SELECT manna_crypt.import_fernet_key('legacy_fernet', %s)", (key.decode(),))
+        c.execute("CREATE TABLE legacy (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, tok text)")
+        c.execute("INSERT INTO legacy (tok) SELECT unnest(%s::text[])",
+                  ([f.encrypt(b"old-%d" % i).decode() for i in range(1, 51)],))
+
+    def table(**kw):
+        return sa.Table("legacy", sa.MetaData(), sa.Column("id", BigInteger, Identity(), primary_key=True),
+                        sa.Column("tok", EncryptedText(KEYRING, aad="id", **kw)))
+
+    a = table(fernet_keyring="legacy_fernet", fernet=f)
+    b = table(fernet_keyring="legacy_fernet")
+    c_ = table()
+    expected = {i: f"old-{i}" for i in range(1, 51)}
+
+    def write(t, value):
+        with engine.begin() as conn:
+            new_id = conn.execute(sa.insert(t).values(tok=value).returning(t.c.id)).scalar()
+        expected[new_id] = value
+
+    def read(t):
+        with engine.connect() as conn:
+            return dict(conn.execute(sa.select(t.c.id, t.c.tok)).tuples().all())
+
+    write(a, "a-before-protect")  # a Fernet token, as before
+    assert read(a) == expected
+    with engine.begin() as conn:
+        conn.execute(text("SELECT manna_crypt.protect_column('legacy', 'tok', :k, 'id')"), {"k": KEYRING})
+    write(a, "a-after-protect")  # the trigger seals the Fernet token itself
+    with connect(fresh_db) as conn:
+        conn.execute("SET client_min_messages = warning")
+        conn.execute("CALL manna_crypt.migrate_fernet('legacy', 'tok', 'legacy_fernet', %s, aad_column => 'id')",
+                     (KEYRING,))
+    write(a, "a-after-migrate")
+    write(b, "b-plaintext")
+    assert read(a) == expected and read(b) == expected
+    with connect(fresh_db) as conn:
+        wrapped = conn.execute(
+            "SELECT count(*) FROM legacy WHERE manna_crypt.value_class(manna_crypt.decrypt_gcm(tok, id::text)) = 'fernet'"
+        ).fetchone()[0]
+        assert wrapped == 2
+        # the repair (README): open the sealed Fernet tokens; the trigger seals their plaintexts
+        conn.execute(
+            "UPDATE legacy SET tok = manna_crypt.decrypt_fernet(manna_crypt.decrypt_gcm(tok, id::text), 'legacy_fernet') "
+            "WHERE manna_crypt.value_class(manna_crypt.decrypt_gcm(tok, id::text)) = 'fernet'")
+        conn.execute("SET client_min_messages = warning")
+        conn.execute("CALL manna_crypt.migrate_fernet('legacy', 'tok', 'legacy_fernet', %s, aad_column => 'id')",
+                     (KEYRING,))
+        assert conn.execute("SELECT category, sum(n)::int FROM manna_crypt.column_status('legacy', 'tok') "
+                            "GROUP BY 1").fetchall() == [("mc1", len(expected))]
+    assert read(c_) == expected
+
+
 # ---- health checks -----------------------------------------------------------------------------
 
 
@@ -354,6 +415,8 @@ def test_health_check_as_application_role(engine, fresh_db):
         c.execute(f'GRANT manna_crypt_user TO "{app}"')
         nobody = new_role(c)
     with connect(fresh_db, user=app) as c:
+        h = health(c)
+        assert (h["ok"], h["root_key_state"], h["version"]) == (True, "loaded", manna_crypt.__version__)
         assert health_check(c, KEYRING) is True
         with pytest.raises(psycopg.Error) as e:
             health_check(c, "no_such_keyring")
@@ -362,6 +425,7 @@ def test_health_check_as_application_role(engine, fresh_db):
         health_check(c, KEYRING)
     assert e.value.sqlstate == "42501"
     with engine.connect() as c:
+        assert sa_health(c)["ok"] is True
         assert sa_health_check(c, KEYRING) is True
     with Session(engine) as s:
         assert sa_health_check(s, KEYRING) is True

@@ -148,8 +148,8 @@ class UnprotectColumnOp(MigrateOperation):
 @Operations.implementation_for(ProtectColumnOp)
 def _protect_column(operations, op: ProtectColumnOp):
     stmt = sa.text(
-        "SELECT manna_crypt.protect_column(CAST(:tbl AS regclass), CAST(:col AS name), :keyring,"
-        " CAST(:aad AS name))"
+        "SELECT manna_crypt.protect_column(CAST(:tbl AS regclass), CAST(:col AS text), CAST(:keyring AS text),"
+        " CAST(:aad AS text))"
     ).bindparams(
         tbl=_regclass_text(operations, op.table_name, op.schema),
         col=op.column_name,
@@ -162,7 +162,7 @@ def _protect_column(operations, op: ProtectColumnOp):
 @Operations.implementation_for(UnprotectColumnOp)
 def _unprotect_column(operations, op: UnprotectColumnOp):
     stmt = sa.text(
-        "SELECT manna_crypt.unprotect_column(CAST(:tbl AS regclass), CAST(:col AS name))"
+        "SELECT manna_crypt.unprotect_column(CAST(:tbl AS regclass), CAST(:col AS text))"
     ).bindparams(tbl=_regclass_text(operations, op.table_name, op.schema), col=op.column_name)
     _execute(operations, stmt)
 

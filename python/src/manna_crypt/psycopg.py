@@ -22,7 +22,7 @@ import contextlib
 import logging
 from typing import Any, Callable, Iterator, Optional
 
-__all__ = ["LOGGER_NAME", "log_notice", "forward_notices", "notices_forwarded", "health_check"]
+__all__ = ["LOGGER_NAME", "log_notice", "forward_notices", "notices_forwarded", "health", "health_check"]
 
 LOGGER_NAME = "manna_crypt"
 
@@ -81,6 +81,14 @@ def notices_forwarded(conn: Any, logger: Optional[logging.Logger] = None) -> Ite
         conn.remove_notice_handler(handler)
 
 
+def health(conn: Any) -> dict:
+    """manna_crypt.health(): {"version", "ok", "root_key_state"[, "error"]}.
+    `ok` is true when the root key is loaded and matches the stored keys.
+    Cheap (no key is unwrapped, nothing is written); for liveness probes."""
+    row = conn.execute("SELECT manna_crypt.health()").fetchone()
+    return row[0]
+
+
 HEALTH_CHECK_SQL = (
     "SELECT manna_crypt.decrypt_gcm(manna_crypt.encrypt_gcm('manna_crypt health check', %s, 'health'),"
     " 'health') = 'manna_crypt health check'"
@@ -88,7 +96,7 @@ HEALTH_CHECK_SQL = (
 
 
 def health_check(conn: Any, keyring: str) -> bool:
-    """True when this session can encrypt under `keyring` and decrypt the
+    """A deeper check than health(), for readiness probes: true when this session can encrypt under `keyring` and decrypt the
     result: the root key is loaded, the keyring exists and has an active,
     usable key, and the role holds manna_crypt_user. Anything else raises
     the database's error (its SQLSTATE says which: 58P01/58030/F0000 root

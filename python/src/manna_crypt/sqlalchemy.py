@@ -27,12 +27,12 @@ from __future__ import annotations
 import operator
 from typing import Any, Optional
 
-from sqlalchemy import Text, cast, func, literal, null
+from sqlalchemy import Text, case, cast, func, literal, select
 from sqlalchemy.exc import CompileError, InvalidRequestError
 from sqlalchemy.sql import operators
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["EncryptedText", "EncryptedComparisonError", "decrypted", "health_check"]
+__all__ = ["EncryptedText", "EncryptedComparisonError", "decrypted", "health", "health_check"]
 
 
 class EncryptedComparisonError(InvalidRequestError):
@@ -82,19 +82,31 @@ class EncryptedText(TypeDecorator):
     cache_ok = True
     comparator_factory = _Comparator
 
-    def __init__(self, keyring: str, aad: Optional[str] = None, fernet_keyring: Optional[str] = None) -> None:
+    def __init__(self, keyring: str, aad: Optional[str] = None, fernet_keyring: Optional[str] = None,
+                 fernet: Any = None) -> None:
         """keyring: the AES-GCM keyring protect_column() encrypts under (also
         what autogenerate's op.protect_column names); aad: the database name
-        of the AAD column of the same table, or None; fernet_keyring: during
-        a migration from Fernet, read with manna_crypt.decrypt_any(), which
-        also opens the Fernet tokens still in the column (the "dual read"
-        release of the README's deploy order)."""
+        of the AAD column of the same table, or None.
+
+        For the releases of a live Fernet -> AES-256-GCM migration (README,
+        "Deploy order"): fernet_keyring, the Fernet keyring holding the
+        application's imported Fernet keys, makes reads open Fernet tokens
+        as well as mc1 values, and a Fernet token that the column's trigger
+        sealed as if it were plaintext (written by a release that still
+        wrote Fernet after the column was protected) — two decryptions per
+        such value, so drop it when the migration is over. fernet: an object
+        with encrypt(bytes) -> bytes (cryptography's Fernet or MultiFernet)
+        makes writes store Fernet tokens made in Python, as the application
+        did before (the "dual read" release, before the column is protected)."""
         if not keyring:
             raise ValueError("EncryptedText needs the keyring name")
+        if fernet is not None and fernet_keyring is None:
+            raise ValueError("fernet= (Fernet writes) needs fernet_keyring= (Fernet reads)")
         super().__init__()
         self.keyring = keyring
         self.aad = aad
         self.fernet_keyring = fernet_keyring
+        self.fernet = fernet
 
     def __repr__(self) -> str:
         args = repr(self.keyring) + (f", aad={self.aad!r}" if self.aad is not None else "")
@@ -123,13 +135,17 @@ class EncryptedText(TypeDecorator):
 
     def decrypt_expression(self, col: Any) -> Any:
         aad = None if self.aad is None else cast(self.aad_column(col), Text)
-        if self.fernet_keyring is not None:
-            return func.manna_crypt.decrypt_any(
-                col, cast(null(), Text) if aad is None else aad, literal(self.fernet_keyring, Text), type_=Text
-            )
-        if aad is None:
-            return func.manna_crypt.decrypt_gcm(col, type_=Text)
-        return func.manna_crypt.decrypt_gcm(col, aad, type_=Text)
+        gcm = func.manna_crypt.decrypt_gcm(col, type_=Text) if aad is None else \
+            func.manna_crypt.decrypt_gcm(col, aad, type_=Text)
+        if self.fernet_keyring is None:
+            return gcm
+        fk = literal(self.fernet_keyring, Text)
+        # a Fernet token as stored, or an mc1 value (whose plaintext may be
+        # a Fernet token the trigger sealed: opened once more)
+        first = case((func.manna_crypt.value_class(col) == "fernet", func.manna_crypt.decrypt_fernet(col, fk)),
+                     else_=gcm)
+        return case((func.manna_crypt.value_class(first) == "fernet", func.manna_crypt.decrypt_fernet(first, fk)),
+                    else_=first)
 
     def column_expression(self, col: Any) -> Any:
         return self.decrypt_expression(col)
@@ -139,13 +155,15 @@ class EncryptedText(TypeDecorator):
     def process_bind_param(self, value: Any, dialect: Any) -> Any:
         if value is not None and not isinstance(value, str):
             raise TypeError(f"EncryptedText takes str values, not {type(value).__name__}")
+        if value is not None and self.fernet is not None:
+            return self.fernet.encrypt(value.encode("utf-8")).decode("ascii")
         return value
 
     def process_result_value(self, value: Any, dialect: Any) -> Any:
         return value
 
     def copy(self, **kw: Any) -> "EncryptedText":
-        return EncryptedText(self.keyring, self.aad, self.fernet_keyring)
+        return EncryptedText(self.keyring, self.aad, self.fernet_keyring, self.fernet)
 
     # Alembic autogenerate: the database column is plain `text` (the
     # protection is a trigger and a CHECK, which autogenerate never compares).
@@ -156,30 +174,31 @@ class EncryptedText(TypeDecorator):
 
 
 def decrypted(col: Any) -> Any:
-    """The plaintext of an EncryptedText column as an SQL expression, for
-    places where SQLAlchemy applies no column_expression — above all the
-    SET clause of an upsert whose conflict target is not the AAD column:
+    """The plaintext of an EncryptedText column as an SQL expression (with
+    the AAD column of the same FROM element), for places where SQLAlchemy
+    applies no column_expression: a value copied by UPDATE ... SET or
+    INSERT ... SELECT, a GROUP BY, an expression computed in SQL:
 
-        stmt = insert(PlaidItem).values(rows)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["item_id"],
-            set_={"access_token": decrypted(stmt.excluded.access_token)})
+        update(Archive).values(token=decrypted(PlaidItem.access_token))...
+        select(func.length(decrypted(PlaidItem.access_token)))
 
-    `excluded.access_token` is already the ciphertext the INSERT trigger
-    made, bound to the proposed row's AAD; decrypted() opens it with that
-    row's AAD, and the UPDATE trigger seals the plaintext again for the row
-    that is really updated."""
+    (An upsert may write `excluded.access_token` as it is: the protected
+    column's trigger re-binds it to the row it lands in.)"""
     typ = getattr(col, "type", None)
     if not isinstance(typ, EncryptedText):
         raise TypeError("decrypted() takes an EncryptedText column")
     return typ.decrypt_expression(col)
 
 
+def health(conn: Any) -> dict:
+    """manna_crypt.psycopg.health on a SQLAlchemy Connection or Session:
+    manna_crypt.health() as a dict ({"ok": ..., "root_key_state": ...})."""
+    return conn.execute(select(func.manna_crypt.health())).scalar()
+
+
 def health_check(conn: Any, keyring: str) -> bool:
     """manna_crypt.psycopg.health_check on a SQLAlchemy Connection or Session:
     True when this role can encrypt under `keyring` and decrypt the result."""
-    from sqlalchemy import select
-
     probe = "manna_crypt health check"
     sealed = func.manna_crypt.encrypt_gcm(literal(probe, Text), literal(keyring, Text), literal("health", Text))
     stmt = select(func.manna_crypt.decrypt_gcm(cast(sealed, Text), literal("health", Text)) == probe)
