@@ -748,6 +748,32 @@ def test_alembic_flow_fernet_to_protected_gcm(tmp_path, alembic_db, monkeypatch,
         assert c.execute("SELECT to_regclass('accounts')").fetchone()[0] is None
 
 
+def test_autogenerate_protects_existing_columns_the_model_encrypts(engine, fresh_db):
+    """Text columns the model declares EncryptedText, but which the database
+    does not protect (or protects under another keyring or AAD column), get
+    op.protect_column; protected as declared, the diff is empty."""
+    from alembic.autogenerate import produce_migrations, render_python_code
+    from alembic.migration import MigrationContext
+
+    import manna_crypt.alembic  # noqa: F401
+
+    want = {("protect_column", None, "plaid_items", "access_token", KEYRING, "id"),
+            ("protect_column", None, "plaid_items", "secret_note", KEYRING, "item_id")}
+    assert set(compare(fresh_db, Base.metadata)) == want
+    with engine.connect() as c:
+        code = render_python_code(produce_migrations(MigrationContext.configure(c), Base.metadata).upgrade_ops)
+    assert "op.protect_column('plaid_items', 'access_token', 'plaid_tokens', aad_column='id')" in code
+    with engine.begin() as c:
+        c.execute(text("SELECT manna_crypt.protect_column('plaid_items', 'access_token', :k, 'id')"), {"k": KEYRING})
+        c.execute(text("SELECT manna_crypt.protect_column('plaid_items', 'secret_note', :k, 'id')"), {"k": KEYRING})
+    assert compare(fresh_db, Base.metadata) == [
+        ("protect_column", None, "plaid_items", "secret_note", KEYRING, "item_id")]
+    with engine.begin() as c:
+        c.execute(text("SELECT manna_crypt.protect_column('plaid_items', 'secret_note', :k, 'item_id')"),
+                  {"k": KEYRING})
+    assert compare(fresh_db, Base.metadata) == []
+
+
 def test_alembic_reencrypt_ops_raise_when_rows_are_left(tmp_path, alembic_db, monkeypatch, caplog):
     """op.migrate_fernet in a revision: a token it cannot convert makes the
     revision fail with RowsLeftError (every other row converted and

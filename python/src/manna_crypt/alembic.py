@@ -122,6 +122,9 @@ class ProtectColumnOp(MigrateOperation):
     def reverse(self):
         return UnprotectColumnOp(self.table_name, self.column_name, self.schema, self.keyring, self.aad_column)
 
+    def to_diff_tuple(self):
+        return ("protect_column", self.schema, self.table_name, self.column_name, self.keyring, self.aad_column)
+
 
 @Operations.register_operation("unprotect_column")
 class UnprotectColumnOp(MigrateOperation):
@@ -138,6 +141,9 @@ class UnprotectColumnOp(MigrateOperation):
         """manna_crypt.unprotect_column(table, column): removes the
         protection (the values stay ciphertexts)."""
         return operations.invoke(cls(table_name, column_name, schema))
+
+    def to_diff_tuple(self):
+        return ("unprotect_column", self.schema, self.table_name, self.column_name)
 
     def reverse(self):
         if self._keyring is None:
@@ -371,6 +377,48 @@ def _protect_new_encrypted_columns(autogen_context, upgrade_ops, schemas):
                     inner.append(sub)
             op.ops = inner
     upgrade_ops.ops[:] = new_ops
+
+
+_PROTECT_SPECS = sa.text(
+    "SELECT t.tgargs FROM pg_catalog.pg_trigger t"
+    " WHERE t.tgrelid = CAST(:tbl AS regclass) AND t.tgname = 'zz_manna_crypt_protect'"
+)
+
+
+def _protect_specs(autogen_context, schema: Optional[str], tname: str) -> dict:
+    """{column: (keyring, aad column or None)} of the table's protected
+    columns, from the arguments of its zz_manna_crypt_protect trigger
+    (column, keyring, AAD column, ...; see protect_column)."""
+    conn = autogen_context.connection
+    if conn is None:
+        return {}
+    prep = conn.dialect.identifier_preparer
+    name = f"{prep.quote_schema(schema)}.{prep.quote(tname)}" if schema else prep.quote(tname)
+    raw = conn.execute(_PROTECT_SPECS, {"tbl": name}).scalar()
+    if raw is None:
+        return {}
+    args = bytes(raw).split(b"\0")[:-1]
+    args = [a.decode("utf-8") for a in args]
+    return {args[i]: (args[i + 1], args[i + 2] or None) for i in range(0, len(args) - 2, 3)}
+
+
+@comparators.dispatch_for("table")
+def _protect_existing_encrypted_columns(autogen_context, modify_table_ops, schema, tname, conn_table,
+                                        metadata_table):
+    """An EncryptedText column that exists in the database but is not
+    protected there as the model says (a Text attribute turned into
+    EncryptedText, another keyring or AAD column) gets op.protect_column.
+    The other way round renders nothing: a column protected in SQL but
+    mapped as Text is never unprotected by autogenerate."""
+    if conn_table is None or metadata_table is None:
+        return
+    enc = [c for c in metadata_table.c if isinstance(c.type, EncryptedText) and c.name in conn_table.c]
+    if not enc:
+        return
+    specs = _protect_specs(autogen_context, schema, tname)
+    for col in enc:
+        if specs.get(col.name) != (col.type.keyring, col.type.aad):
+            modify_table_ops.ops.append(_protect_op(col, tname, schema))
 
 
 def _fmt(*args: Any, **kw: Any) -> str:
