@@ -314,10 +314,14 @@ def _call_online(operations, op: _ReencryptOp, tbl: str):
             run_id = result.scalar() if result.returns_rows else None
     except sa.exc.DBAPIError as e:
         state = getattr(e.orig, "sqlstate", None) or getattr(e.orig, "pgcode", None)
-        if ROWS_LEFT_SQLSTATE is not None and state == ROWS_LEFT_SQLSTATE:
-            raise RowsLeftError(f"{op.procedure} on {tbl}.{op.column_name} left rows unconverted: "
-                                f"{getattr(e.orig, 'diag', None) and e.orig.diag.message_primary}") from e
-        raise
+        if ROWS_LEFT_SQLSTATE is None or state != ROWS_LEFT_SQLSTATE:
+            raise
+        # raised after the run's last COMMIT: the connection is usable (autocommit)
+        row = bind.execute(_LAST_RUN, {"tbl": tbl, "col": op.column_name}).first()
+        run_id, failed = (row.run_id, row.failed) if row is not None else (None, None)
+        raise RowsLeftError(
+            f"{op.procedure} on {tbl}.{op.column_name} left {failed} row(s) unconverted "
+            f"(run {run_id}; see manna_crypt.reencrypt_failures)", run_id=run_id, failed=failed) from e
     if op.dry_run or with_raise:
         return run_id
     # An extension without raise_on_failure: read the run's outcome.
