@@ -212,7 +212,7 @@ def test_alembic_flow_fernet_to_protected_gcm(tmp_path, alembic_db, monkeypatch,
     command.upgrade(cfg, "head")
     # progress NOTICEs of migrate_fernet reached logging, and no secret did
     msgs = [r.getMessage() for r in caplog.records if r.name == "manna_crypt"]
-    assert len(msgs) >= 3
+    assert any(" done in " in m for m in msgs), msgs
     assert not any(key.decode() in m or "access-sandbox" in m for m in msgs)
     with connect(alembic_db) as c:
         assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0002"

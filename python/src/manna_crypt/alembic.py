@@ -50,8 +50,9 @@ __all__ = [
 log = logging.getLogger(LOGGER_NAME)
 
 # The SQLSTATE the re-encryption procedures raise after their last COMMIT
-# when raise_on_failure => true and rows were left unconverted.
-ROWS_LEFT_SQLSTATE: Optional[str] = None
+# when raise_on_failure => true and rows were left unconverted
+# (data_exception, which no other manna_crypt error uses).
+ROWS_LEFT_SQLSTATE = "22000"
 
 
 def _regclass_text(operations: Operations, table: str, schema: Optional[str]) -> str:
