@@ -138,10 +138,12 @@ down_revision = "0001"
 
 
 def upgrade():
+    # as in the README ("Alembic migrations")
     op.create_keyring("plaid_tokens", rotation_period="90 days")
+    op.protect_column("plaid_items", "access_token", "plaid_tokens", aad_column="id")
     op.migrate_fernet("plaid_items", "access_token", "legacy_fernet", "plaid_tokens",
                       batch_size=500, aad_column="id")
-    op.protect_column("plaid_items", "access_token", "plaid_tokens", aad_column="id")
+    op.execute("ALTER TABLE plaid_items VALIDATE CONSTRAINT manna_crypt_protected_access_token")
 '''
 
 
@@ -216,6 +218,8 @@ def test_alembic_flow_fernet_to_protected_gcm(tmp_path, alembic_db, monkeypatch,
     assert not any(key.decode() in m or "access-sandbox" in m for m in msgs)
     with connect(alembic_db) as c:
         assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0002"
+        assert c.execute("SELECT convalidated FROM pg_constraint "
+                         "WHERE conname = 'manna_crypt_protected_access_token'").fetchone()[0] is True
     got = stored(alembic_db)
     assert [i for i, p in plain.items() if got[i] != (True, p)] == []
 
