@@ -18,8 +18,10 @@ manna_crypt.protect_column(): the key never leaves the database.
   the stored value is a ciphertext with a fresh nonce, so SQL comparisons
   can never match. IS NULL / IS NOT NULL work.
 
-The AAD column must be a column of the same table (integer, text or uuid),
-named by its database name; `aad=None` means no AAD.
+The AAD column is a column of the same table (smallint, integer, bigint,
+text, varchar or uuid: what protect_column accepts), named by its database
+name; `aad=None` means no AAD. The application role needs manna_crypt_user
+(decrypt_gcm); writers need nothing of manna_crypt.
 """
 
 from __future__ import annotations
