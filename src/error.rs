@@ -84,6 +84,15 @@ pub enum McError {
     UndefinedTable { message: String },
     /// 54000: a value would exceed PostgreSQL's 1 GB limit.
     TooLarge { message: String, detail: String },
+    /// 53400: a limit set by a server setting is reached (the usage
+    /// counters' shared memory).
+    LimitExceeded {
+        message: String,
+        detail: String,
+        hint: String,
+    },
+    /// 58030: a usage counter file cannot be read, parsed or written.
+    CounterIo { message: String, detail: String },
 }
 
 pub type McResult<T> = Result<T, McError>;
@@ -145,6 +154,8 @@ impl McError {
             McError::PermissionDenied { .. } => Code::ERRCODE_INSUFFICIENT_PRIVILEGE,
             McError::UndefinedTable { .. } => Code::ERRCODE_UNDEFINED_TABLE,
             McError::TooLarge { .. } => Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            McError::LimitExceeded { .. } => Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            McError::CounterIo { .. } => Code::ERRCODE_IO_ERROR,
         }
     }
 
@@ -216,7 +227,14 @@ impl McError {
             | McError::WrongType { message, hint }
             | McError::PermissionDenied { message, hint } => (message, None, Some(hint)),
             McError::UndefinedTable { message } => (message, None, None),
-            McError::TooLarge { message, detail } => (message, Some(detail), None),
+            McError::TooLarge { message, detail } | McError::CounterIo { message, detail } => {
+                (message, Some(detail), None)
+            }
+            McError::LimitExceeded {
+                message,
+                detail,
+                hint,
+            } => (message, Some(detail), Some(hint)),
         }
     }
 

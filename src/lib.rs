@@ -29,7 +29,11 @@ mod reencrypt;
 // view on the key tables; the domain needs its CHECK function; grants and
 // the comments on Rust-defined functions come last (`finalize.sql`).
 extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
-extension_sql_file!("../sql/keys.sql", name = "keys", requires = ["bootstrap"]);
+extension_sql_file!(
+    "../sql/keys.sql",
+    name = "keys",
+    requires = ["bootstrap", keys::budget::_key_usage]
+);
 extension_sql_file!(
     "../sql/domain.sql",
     name = "encrypted_text_domain",
@@ -60,6 +64,10 @@ pub extern "C-unwind" fn _PG_init() {
     // First: no message of ours carries a Rust backtrace or location.
     pg::report::install();
     keys::rootkey::register_settings();
+    // Every setting is defined before the prefix is reserved: reserving
+    // drops the server file's values of names not defined yet.
+    keys::budget::register_settings();
+    keys::counters::register_settings();
     // A typo in a setting name (manna_crypt.root_key_flie) is an error, not
     // a silently accepted placeholder.
     // SAFETY: a NUL-terminated prefix; PostgreSQL copies it.
@@ -67,7 +75,7 @@ pub extern "C-unwind" fn _PG_init() {
     keys::cache::register_callback();
     // Shared memory exists only when preloaded; without it, root-key
     // operations refuse with a HINT (see keys::rootshared).
-    pg::shmem::install(&[]);
+    pg::shmem::install(&[keys::counters::PART]);
 }
 
 // The backend tests live in src/tests.rs; `#[pg_schema]` needs an inline
@@ -87,9 +95,13 @@ pub mod pg_test {
         // A fixed, test-only root key from a command: the pgrx test cluster
         // is created by cargo-pgrx, so a key file with the right owner and
         // mode cannot be put in place beforehand.
-        vec![concat!(
-            "manna_crypt.root_key_command = ",
-            "'echo 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f'"
-        )]
+        vec![
+            concat!(
+                "manna_crypt.root_key_command = ",
+                "'echo 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f'"
+            ),
+            // Encryptions under data keys are counted in shared memory.
+            "shared_preload_libraries = 'manna_crypt'",
+        ]
     }
 }

@@ -191,6 +191,9 @@ class Cluster:
                 "shared_buffers": "32MB",
                 "wal_level": "replica",
                 "max_wal_senders": 5,
+                # Encryptions under data keys are counted in shared memory
+                # (src/keys/counters.rs); a test may override it.
+                "shared_preload_libraries": "manna_crypt",
             }
             if root_key is not None:
                 base["manna_crypt.root_key_file"] = str(self.write_key_file("root.key", root_key))
