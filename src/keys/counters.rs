@@ -66,7 +66,8 @@ pub fn register_settings() {
         16,
         1 << 20,
         GucContext::Postmaster,
-        GucFlags::default(),
+        // Hidden from non-superusers like every manna_crypt setting.
+        GucFlags::SUPERUSER_ONLY,
     );
 }
 

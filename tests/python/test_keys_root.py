@@ -228,14 +228,16 @@ def test_non_superuser_cannot_set_or_see_settings(rk, db):
 def test_placeholder_set_before_load_is_discarded(rk, db):
     """Before the library is loaded in a session, a non-superuser can SET the
     (then unknown) placeholder; loading the library must throw it away, so
-    no user-chosen command ever runs."""
+    no user-chosen command ever runs. With the library preloaded (as the
+    usage counters require, and mc_cluster's clusters do) the settings exist
+    before any session, and the SET itself is refused."""
     marker = rk.keys / "pwned"
     set_root(rk, manna_crypt__root_key_file=str(rk.file_a))
     with rk.connect(db) as su:
         su.execute("SELECT manna_crypt.create_keyring('r')")
     with rk.connect(db, user="lowly") as x:
-        x.execute(f"SET manna_crypt.root_key_command = 'touch {marker}; echo {new_root_key()}'")
-        x.execute("SET manna_crypt.root_key_file = ''")
+        E(x, "42501", f"SET manna_crypt.root_key_command = 'touch {marker}; echo {new_root_key()}'")
+        E(x, "42501", "SET manna_crypt.root_key_file = ''")
         ct = one(x, "SELECT manna_crypt.encrypt_gcm('x'::text, 'r'::text)")
         assert one(x, "SELECT manna_crypt.decrypt_gcm(%s::text)", (ct,)) == "x"
     assert not marker.exists()
