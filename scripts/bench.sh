@@ -173,6 +173,10 @@ bench_gcm() {
         "SELECT count(octet_length(manna_crypt.encrypt_gcm(v, $key))) FROM bench.tokens" "floor: tokens"
     record gcm "encrypt_gcm keyring" \
         "SELECT count(octet_length(manna_crypt.encrypt_gcm(v, 'bench'))) FROM bench.tokens" "floor: tokens"
+    # The same without the usage counter (docs/DESIGN.md 7.2), in the same
+    # build and run: only the benchmark build has this function.
+    record gcm "encrypt_gcm keyring, uncounted" \
+        "SELECT count(octet_length(manna_crypt._bench_encrypt_gcm_uncounted(v, 'bench'))) FROM bench.tokens" "floor: tokens"
     record gcm "pgcrypto encrypt aes-256-cbc" \
         "SELECT count(octet_length(encrypt(convert_to(v, 'UTF8'), $key, 'aes'))) FROM bench.tokens" "floor: tokens"
     record gcm "decrypt_gcm raw key" \
@@ -203,6 +207,7 @@ bench_gcm() {
         "'encrypt_gcm raw / pgcrypto encrypt', 'encrypt_gcm raw key', 'pgcrypto encrypt aes-256-cbc', 0.5, 1" \
         "'decrypt_gcm raw / pgcrypto decrypt', 'decrypt_gcm raw key', 'pgcrypto decrypt aes-256-cbc', 0.5, 2" \
         "'encrypt_gcm keyring / raw key', 'encrypt_gcm keyring', 'encrypt_gcm raw key', 1.1, 3" \
+        "'keyring counted / uncounted', 'encrypt_gcm keyring', 'encrypt_gcm keyring, uncounted', 1.05, 5" \
         "'decrypt_gcm keyring / raw key', 'decrypt_gcm keyring', 'decrypt_gcm raw key', 1.1, 4"
 }
 
@@ -270,7 +275,9 @@ main() {
     for s in "${wanted[@]}"; do
         declare -F "bench_$s" >/dev/null || die "unknown section '$s' (sections: ${SECTIONS[*]})"
     done
-    "$MC_ROOT/scripts/setup.sh"
+    # The benchmark build: the release build plus the uncounted baseline of
+    # the gcm section (a function no release has).
+    MC_CARGO_FEATURES=bench_uncounted "$MC_ROOT/scripts/setup.sh"
     start_cluster
     for s in "${wanted[@]}"; do
         "bench_$s"

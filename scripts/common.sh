@@ -153,7 +153,11 @@ cluster_start() {
 install_extension() {
     local sudo=()
     [ "$(id -u)" = 0 ] || sudo=(--sudo)
-    (cd "$MC_ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG" "${sudo[@]}" >/dev/null)
+    # MC_CARGO_FEATURES: extra cargo features (scripts/bench.sh sets the
+    # benchmark-only bench_uncounted).
+    local features=()
+    [ -z "${MC_CARGO_FEATURES:-}" ] || features=(--features "$MC_CARGO_FEATURES")
+    (cd "$MC_ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG" "${sudo[@]}" "${features[@]}" >/dev/null)
 }
 
 # ensure_venv: the Python environment of the client tests and benchmarks
