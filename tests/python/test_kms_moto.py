@@ -53,8 +53,8 @@ PYTHON = sys.executable
 MOTO_SERVER = str(Path(sys.executable).parent / "moto_server")
 REGION = "us-east-1"
 CONTEXT = ("purpose", "manna_crypt-root-key")
-# moto accepts any credentials; the server gets these and no AWS
-# configuration file of any OS user.
+# The server's environment: moto accepts any credentials; no AWS
+# configuration file of any OS user is read.
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -62,6 +62,8 @@ AWS_ENV = {
     "AWS_CONFIG_FILE": "/dev/null",
     "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
     "AWS_EC2_METADATA_DISABLED": "true",
+    # No error may carry a Rust backtrace, whatever the environment says.
+    "RUST_BACKTRACE": "full",
 }
 COMMAND = "manna_crypt.root_key_command"
 PREVIOUS_COMMAND = "manna_crypt.previous_root_key_command"
