@@ -40,6 +40,7 @@ GRANT EXECUTE ON FUNCTION
     manna_crypt.import_fernet_key_file(text, text),
     manna_crypt.rewrap_keys(),
     manna_crypt.root_key_status(),
+    manna_crypt.reload_root_key(),
     manna_crypt.info(),
     manna_crypt.register_column(regclass, text),
     manna_crypt.unregister_column(regclass, text)
@@ -112,6 +113,7 @@ COMMENT ON FUNCTION manna_crypt.destroy_key(integer, boolean) IS 'crypto-shred a
 COMMENT ON FUNCTION manna_crypt.import_fernet_key(text, text) IS 'import a legacy Fernet key into a Fernet keyring (created if needed); returns its key id';
 COMMENT ON FUNCTION manna_crypt.import_fernet_key_file(text, text) IS 'import every Fernet key of a server file (one per line, primary first; the server OS user''s, mode 0600) into a Fernet keyring: the keys never pass through SQL text; needs pg_read_server_files';
 COMMENT ON FUNCTION manna_crypt.rewrap_keys() IS 'root-key rotation: re-wrap every data key under the current root key, using the previous one; touches no row';
+COMMENT ON FUNCTION manna_crypt.reload_root_key() IS 'load the root key (and the previous one, when set) afresh from its source for the whole server, even while a failing command is in back-off; returns the current root key''s fingerprint';
 COMMENT ON FUNCTION manna_crypt.root_key_status() IS 'every database of the cluster and the root key its data keys are wrapped under: current, needs previous root key, another root key, no keys, or unknown';
 COMMENT ON FUNCTION manna_crypt.info() IS 'version, root key source and fingerprint, keyrings, key counts, CPU AES support';
 COMMENT ON FUNCTION manna_crypt.register_column(regclass, text) IS 'record that a text column holds ciphertexts, protecting the keys it uses';

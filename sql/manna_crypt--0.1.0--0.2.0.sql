@@ -278,3 +278,11 @@ COMMENT ON FUNCTION manna_crypt.root_key_status() IS 'every database of the clus
 -- manna_crypt.rewrap_keys() rewrites them in version 2, which binds the
 -- keyring and the kind. Not done here: ALTER EXTENSION must not depend on
 -- the root key being reachable.
+
+-- ---- 0.2.0: the root key in shared memory (issue 10) -----------------------
+CREATE FUNCTION manna_crypt.reload_root_key() RETURNS text
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'reload_root_key_wrapper';
+REVOKE EXECUTE ON FUNCTION manna_crypt.reload_root_key() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION manna_crypt.reload_root_key() TO manna_crypt_admin;
+COMMENT ON FUNCTION manna_crypt.reload_root_key() IS 'load the root key (and the previous one, when set) afresh from its source for the whole server, even while a failing command is in back-off; returns the current root key''s fingerprint';

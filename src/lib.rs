@@ -65,6 +65,11 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: a NUL-terminated prefix; PostgreSQL copies it.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"manna_crypt".as_ptr()) };
     keys::cache::register_callback();
+    // Shared memory exists only when preloaded; without it, root-key
+    // operations refuse with a HINT (see keys::rootshared).
+    if pg::shmem::install(&[keys::rootshared::PART]) {
+        keys::rootshared::map_page();
+    }
 }
 
 // The backend tests live in src/tests.rs; `#[pg_schema]` needs an inline
@@ -84,9 +89,13 @@ pub mod pg_test {
         // A fixed, test-only root key from a command: the pgrx test cluster
         // is created by cargo-pgrx, so a key file with the right owner and
         // mode cannot be put in place beforehand.
-        vec![concat!(
-            "manna_crypt.root_key_command = ",
-            "'echo 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f'"
-        )]
+        vec![
+            concat!(
+                "manna_crypt.root_key_command = ",
+                "'echo 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f'"
+            ),
+            // Root keys live in shared memory, which needs preloading.
+            "shared_preload_libraries = 'manna_crypt'",
+        ]
     }
 }

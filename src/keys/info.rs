@@ -8,6 +8,7 @@ use pgrx::JsonB;
 use serde_json::{json, Value};
 
 use super::rootkey::{self, Which};
+use super::rootshared::{self, Status};
 use super::rootstatus;
 use super::usage;
 use crate::error::{McError, McResult, OrRaise};
@@ -40,23 +41,78 @@ fn json_of(sql: &str) -> McResult<Value> {
     Ok(spi::one::<JsonB>(Mode::Read, sql, &[])?.map_or(Value::Null, |j| j.0))
 }
 
-/// The root key's state: never an error, so `info()` works while it is broken.
+/// The root key's state: never an error, so `info()` works while it is
+/// broken. `state` is "loaded", "failing" (with the attempts, since when,
+/// the next attempt and the last error), "loading", "not configured" or
+/// "not preloaded".
 fn root_info() -> Value {
+    if let Some(e) = rootshared::unavailable() {
+        return json!({ "state": "not preloaded", "configured": false, "error": e.message() });
+    }
     let current = match rootkey::current() {
         Ok(k) => k,
-        Err(e) => return json!({ "configured": false, "error": e.message() }),
+        Err(e) => return root_failure(e),
     };
     let previous = rootkey::get(Which::Previous).ok().flatten();
     let effective = run_as(Identity::ExtensionOwner, rootkey::effective_root);
+    let loaded_at = match rootkey::shared_status(Which::Current) {
+        Ok(Some(Status::Loaded { loaded_at })) => Some(rootshared::timestamp_text(loaded_at)),
+        _ => None,
+    };
     json!({
+        "state": "loaded",
         "configured": true,
+        "loaded": true,
         "source": current.source,
         "fingerprint": current.fingerprint,
+        "loaded_at": loaded_at,
         "previous_configured": previous.is_some(),
         "matches_stored_keys": matches!(&effective, Ok(e) if e.fingerprint == current.fingerprint),
         "rotation_pending": matches!(&effective, Ok(e) if e.fingerprint != current.fingerprint),
         "error": effective.err().map(McError::message),
     })
+}
+
+/// `info()`'s root key when it cannot be had: not configured, or failing.
+fn root_failure(e: McError) -> Value {
+    match rootkey::shared_status(Which::Current) {
+        Ok(None) => json!({ "state": "not configured", "configured": false, "error": e.message() }),
+        Ok(Some(Status::Failing {
+            attempts,
+            since,
+            next,
+            error,
+        })) => json!({
+            "state": "failing",
+            "configured": true,
+            "loaded": false,
+            "attempts": attempts,
+            "failing_since": rootshared::timestamp_text(since),
+            "next_attempt": rootshared::timestamp_text(next),
+            "last_error": error,
+            "error": e.message(),
+        }),
+        Ok(Some(Status::Loading { pid })) => json!({
+            "state": "loading", "configured": true, "loaded": false, "loader_pid": pid,
+            "error": e.message(),
+        }),
+        _ => json!({ "state": "failing", "configured": true, "loaded": false,
+                     "error": e.message() }),
+    }
+}
+
+/// Loads the root key (and the previous one, when set) afresh from its
+/// source for the whole server, even while a failing command is in
+/// back-off; returns the current root key's fingerprint. On failure the
+/// key already loaded keeps serving.
+#[pg_extern(volatile, parallel_unsafe)]
+fn reload_root_key() -> String {
+    // Not configured: current()'s error says which settings to set.
+    let current = rootkey::reload(Which::Current)
+        .and_then(|k| k.map_or_else(rootkey::current, Ok))
+        .or_raise();
+    rootkey::reload(Which::Previous).or_raise();
+    current.fingerprint.clone()
 }
 
 /// Version, root key source and fingerprint (never the key), keyrings and

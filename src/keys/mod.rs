@@ -9,6 +9,8 @@
 //! - [`root_source`]: reading a root key's text from a file or a command;
 //! - [`rootstatus`]: each database's root key, noted in the data directory
 //!   for the cluster-wide view of a root-key rotation;
+//! - [`rootshared`]: root keys in shared memory, loaded once per server,
+//!   with back-off while a source fails;
 //! - [`rootkey`]: the root-key settings, the loaded keys, and which root key
 //!   opens the stored data keys;
 //! - [`cache`]: unwrapped data keys per backend, invalidated by relcache
@@ -29,6 +31,7 @@ pub mod lifecycle;
 pub mod root_command;
 pub mod root_source;
 pub mod rootkey;
+pub mod rootshared;
 pub mod rootstatus;
 pub mod secret_file;
 pub mod staged;

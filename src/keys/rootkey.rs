@@ -12,7 +12,11 @@
 //! server log only, since a KMS CLI may print things there no client should
 //! see.
 //!
-//! A loaded key is kept per backend and reloaded when its setting changes.
+//! A root key is loaded once per server for each value of its setting and
+//! kept in shared memory ([`super::rootshared`]); each backend keeps a copy
+//! that it checks against shared memory without a lock. A failing command
+//! is retried with a back-off (1 s doubling to
+//! `manna_crypt.root_key_retry_max`); a file is read again on every try.
 //! [`effective_root`] decides which configured root key opens the stored
 //! data keys.
 
@@ -27,7 +31,10 @@ use manna_crypt_core::secret::Key32;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::prelude::*;
 
+use sha2::{Digest as _, Sha256};
+
 use super::root_source::{read_key_file, run_key_command};
+use super::rootshared::{self, Digest, Obtained, Opts};
 use super::store::{self, StoredCheck};
 use crate::error::{McError, McResult};
 
@@ -38,6 +45,7 @@ pub static PREVIOUS_ROOT_KEY_FILE: GucSetting<Option<CString>> =
 pub static PREVIOUS_ROOT_KEY_COMMAND: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(None);
 pub static ROOT_KEY_COMMAND_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(30);
+pub static ROOT_KEY_RETRY_MAX: GucSetting<i32> = GucSetting::<i32>::new(60);
 
 pub fn register_settings() {
     let flags = GucFlags::SUPERUSER_ONLY;
@@ -98,6 +106,17 @@ pub fn register_settings() {
         c"Seconds a root key command may run before its process group is killed.",
         c"Applies to manna_crypt.root_key_command and manna_crypt.previous_root_key_command.",
         &ROOT_KEY_COMMAND_TIMEOUT,
+        1,
+        3600,
+        GucContext::Suset,
+        flags | GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"manna_crypt.root_key_retry_max",
+        c"Longest wait, in seconds, between attempts to run a failing root key command.",
+        c"After a failure the command is not run again for 1 second, doubling after each \
+          further failure up to this; manna_crypt.reload_root_key() retries at once.",
+        &ROOT_KEY_RETRY_MAX,
         1,
         3600,
         GucContext::Suset,
@@ -205,50 +224,149 @@ fn configured(which: Which) -> McResult<Option<Source>> {
     }
 }
 
-/// The loaded current and previous root keys, with the setting each came from.
-type Loaded = [Option<(Source, Rc<RootKey>)>; 2];
+/// This backend's copies of the current and previous root keys: the
+/// setting each came from, and the shared slot and generation it was
+/// copied at (see [`rootshared::is_current`]).
+struct Copy {
+    source: Source,
+    version: u64,
+    digest: Digest,
+    slot: usize,
+    generation: u64,
+    key: Rc<RootKey>,
+}
 
 thread_local! {
-    static LOADED: RefCell<Loaded> = const { RefCell::new([None, None]) };
+    static LOADED: RefCell<[Option<Copy>; 2]> = const { RefCell::new([None, None]) };
+}
+
+/// The digest that names a setting's value in shared memory.
+fn digest_of(source: &Source) -> Digest {
+    let (kind, text) = match source {
+        Source::File(path) => ("file", path),
+        Source::Command(cmd) => ("command", cmd),
+    };
+    let mut h = Sha256::new();
+    h.update(kind.as_bytes());
+    h.update([0]);
+    h.update(text.as_bytes());
+    h.finalize().into()
 }
 
 /// The root key for `which`, or `None` when it is not configured.
 pub fn get(which: Which) -> McResult<Option<Rc<RootKey>>> {
+    obtain(which, false)
+}
+
+/// Loads `which` afresh from its source (`reload_root_key()`), even if
+/// shared memory has it or the back-off says wait. On failure the key
+/// already loaded keeps serving.
+pub fn reload(which: Which) -> McResult<Option<Rc<RootKey>>> {
+    obtain(which, true)
+}
+
+fn obtain(which: Which, force: bool) -> McResult<Option<Rc<RootKey>>> {
+    if let Some(e) = rootshared::unavailable() {
+        return Err(e);
+    }
     let Some(source) = configured(which)? else {
         return Ok(None);
     };
-    let slot = which as usize;
-    if let Some(hit) = LOADED.with(|l| {
-        l.borrow()[slot]
-            .as_ref()
-            .filter(|(s, _)| *s == source)
-            .map(|(_, k)| k.clone())
-    }) {
-        return Ok(Some(hit));
+    let index = which as usize;
+    let digest = digest_of(&source);
+    let version = version_of(&source);
+    if !force {
+        let hit = LOADED.with(|l| {
+            l.borrow()[index]
+                .as_ref()
+                .filter(|c| c.source == source && c.version == version)
+                .filter(|c| rootshared::is_current(&c.digest, c.slot, c.generation))
+                .map(|c| c.key.clone())
+        });
+        if hit.is_some() {
+            return Ok(hit);
+        }
     }
     let (_, _, prefix) = which.settings();
-    let (key, kind) = match &source {
-        Source::File(path) => (
-            parse(&read_key_file(path, prefix)?, prefix, "file")?,
-            "file",
-        ),
-        Source::Command(cmd) => (
-            run_key_command(cmd, prefix, command_timeout(), |text| {
-                parse(text, prefix, "command")
-            })?,
-            "command",
-        ),
+    let is_command = matches!(source, Source::Command(_));
+    let opts = Opts {
+        force,
+        backoff_max: is_command.then(|| Duration::from_secs(retry_max())),
+        stale_after: command_timeout() + Duration::from_secs(10),
+        version,
     };
+    let Obtained {
+        key,
+        slot,
+        generation,
+    } = rootshared::obtain(&digest, &opts, || load(&source, prefix))?;
     let loaded = Rc::new(RootKey {
         fingerprint: keywrap::fingerprint(&key),
         key,
-        source: kind,
+        source: if is_command { "command" } else { "file" },
     });
-    LOADED.with(|l| l.borrow_mut()[slot] = Some((source, loaded.clone())));
+    LOADED.with(|l| {
+        l.borrow_mut()[index] = Some(Copy {
+            source,
+            version,
+            digest,
+            slot,
+            generation,
+            key: loaded.clone(),
+        })
+    });
     if which == Which::Current {
         super::rootstatus::note_current(&loaded.fingerprint);
     }
     Ok(Some(loaded))
+}
+
+/// A key file's version: its identity, size and modification time, so a
+/// replaced or rewritten file is read again (as 0.1.0 did in every new
+/// session) and the old key wiped from shared memory. A command's output
+/// cannot be versioned: `reload_root_key()` reloads it.
+fn version_of(source: &Source) -> u64 {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::MetadataExt;
+    let Source::File(path) = source else { return 0 };
+    let Ok(m) = std::fs::metadata(path) else {
+        return 0;
+    };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    )
+        .hash(&mut h);
+    h.finish() | 1
+}
+
+/// Reads the key from its source (in the backend that loads it for the server).
+fn load(source: &Source, prefix: &str) -> McResult<Key32> {
+    match source {
+        Source::File(path) => parse(&read_key_file(path, prefix)?, prefix, "file"),
+        Source::Command(cmd) => run_key_command(cmd, prefix, command_timeout(), |text| {
+            parse(text, prefix, "command")
+        }),
+    }
+}
+
+/// What shared memory knows of `which`'s configured source, for `info()`.
+pub fn shared_status(which: Which) -> McResult<Option<rootshared::Status>> {
+    match configured(which)? {
+        None => Ok(None),
+        Some(source) => rootshared::status(&digest_of(&source)).map(Some),
+    }
+}
+
+fn retry_max() -> u64 {
+    // The setting's bounds (1 to 3600) keep this positive.
+    ROOT_KEY_RETRY_MAX.get().max(1) as u64
 }
 
 fn parse(text: &str, prefix: &str, kind: &str) -> McResult<Key32> {

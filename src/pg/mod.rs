@@ -12,6 +12,10 @@
 //! - [`xact`]: transaction-state checks (standby, transaction block);
 //! - [`datum`]: return types pgrx does not provide (the domain, wiped
 //!   plaintext buffers);
+//! - [`shmem`]: parts of the main shared memory segment and their LWLocks
+//!   (needs `shared_preload_libraries`);
+//! - [`secure_page`]: a locked, never-dumped page shared by every process
+//!   and kept across crash restarts, for key material;
 //! - [`report`]: how errors and notices reach PostgreSQL: no Rust backtrace
 //!   or source location, PostgreSQL's own errors with all their fields.
 
@@ -20,7 +24,9 @@ pub mod guc;
 pub mod interrupt;
 pub mod locks;
 pub mod report;
+pub mod secure_page;
 pub mod security;
+pub mod shmem;
 pub mod spi;
 pub mod subxact;
 pub mod xact;

@@ -449,9 +449,19 @@ pub fn handled() {
 /// source location. Through pgrx's binding of `ThrowErrorData`, so a cancel
 /// PostgreSQL notices while sending it unwinds as an ordinary ERROR.
 pub fn notice(message: impl Into<String>) {
+    emit(NOTICE, message.into());
+}
+
+/// A line in the server log only, never sent to a client (LOG_SERVER_ONLY);
+/// also usable in the postmaster.
+pub fn log_server(message: impl Into<String>) {
+    emit(pg_sys::LOG_SERVER_ONLY as i32, message.into());
+}
+
+fn emit(elevel: i32, message: String) {
     let report = Report {
-        elevel: NOTICE,
-        message: message.into(),
+        elevel,
+        message,
         ..Default::default()
     };
     let edata = report.to_error_data();

@@ -191,6 +191,9 @@ class Cluster:
                 "shared_buffers": "32MB",
                 "wal_level": "replica",
                 "max_wal_senders": 5,
+                # Root keys live in shared memory, which needs preloading
+                # (a test of the refusal without it overrides this).
+                "shared_preload_libraries": "manna_crypt",
             }
             if root_key is not None:
                 base["manna_crypt.root_key_file"] = str(self.write_key_file("root.key", root_key))

@@ -226,19 +226,34 @@ def test_non_superuser_cannot_set_or_see_settings(rk, db):
 
 
 def test_placeholder_set_before_load_is_discarded(rk, db):
-    """Before the library is loaded in a session, a non-superuser can SET the
-    (then unknown) placeholder; loading the library must throw it away, so
-    no user-chosen command ever runs."""
+    """A non-superuser cannot choose the root key command: with the library
+    preloaded (required since 0.2.0) the settings exist from server start
+    and SET is refused; without preloading, a placeholder SET before the
+    library loads is thrown away when it loads (and no root key is used at
+    all: see test_root_shared.py::test_not_preloaded_is_refused_with_a_hint)."""
     marker = rk.keys / "pwned"
     set_root(rk, manna_crypt__root_key_file=str(rk.file_a))
     with rk.connect(db) as su:
         su.execute("SELECT manna_crypt.create_keyring('r')")
     with rk.connect(db, user="lowly") as x:
-        x.execute(f"SET manna_crypt.root_key_command = 'touch {marker}; echo {new_root_key()}'")
-        x.execute("SET manna_crypt.root_key_file = ''")
+        E(x, "42501", f"SET manna_crypt.root_key_command = 'touch {marker}; echo {new_root_key()}'")
+        E(x, "42501", "SET manna_crypt.root_key_file = ''")
         ct = one(x, "SELECT manna_crypt.encrypt_gcm('x'::text, 'r'::text)")
         assert one(x, "SELECT manna_crypt.decrypt_gcm(%s::text)", (ct,)) == "x"
     assert not marker.exists()
+    rk.configure(shared_preload_libraries="")
+    rk.restart()
+    try:
+        with rk.connect(db, user="lowly") as x:
+            x.execute(f"SET manna_crypt.root_key_command = 'touch {marker}; echo {new_root_key()}'")
+            x.execute("SET manna_crypt.root_key_file = ''")
+            E(x, "55000", "SELECT manna_crypt.encrypt_gcm('x'::text, 'r'::text)")
+            # Loaded now: the settings are superuser-only again.
+            E(x, "42501", "SHOW manna_crypt.root_key_command")
+        assert not marker.exists()
+    finally:
+        rk.configure(shared_preload_libraries="manna_crypt")
+        rk.restart()
 
 
 def test_settings_hidden_with_preloaded_library(rk, db):
