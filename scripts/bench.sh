@@ -4,13 +4,16 @@
 #   scripts/bench.sh              every section
 #   scripts/bench.sh gcm          only the named sections
 #
-# Sections: gcm - encrypt_gcm / decrypt_gcm (raw key and keyring) against
-#                 pgcrypto's encrypt()/decrypt() with AES-256-CBC
+# Sections: gcm     - encrypt_gcm / decrypt_gcm (raw key and keyring) against
+#                     pgcrypto's encrypt()/decrypt() with AES-256-CBC
 #           protect - INSERT and COPY of MC_BENCH_ROWS/10 rows into a
-#                 protected column (trigger) against explicit encrypt_gcm
-#           migrate - migrate_fernet against the client-side way and a floor
-#           locking - the optimistic-locking trigger under pgbench
-#           orm - SQLAlchemy inserts through EncryptedText against plain Text
+#                     protected column (trigger) against explicit encrypt_gcm
+#           migrate - in-place Fernet migration (scripts/bench_migrate.sh)
+#           locking - the optimistic-locking trigger (scripts/bench_locking.sh)
+#           rootkey - what loading the root key from a slow command (a KMS
+#                     call) costs new connections and parallel workers,
+#                     against the key file in the same run
+#           orm     - SQLAlchemy inserts through EncryptedText against plain Text
 #
 # Builds and installs the release build (scripts/setup.sh), then runs in a
 # throwaway cluster under target/bench (port 55480, or MC_BENCH_PORT) that is
@@ -28,7 +31,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 cd "$MC_ROOT"
 
-SECTIONS=(gcm protect migrate locking orm)
+SECTIONS=(gcm protect migrate locking rootkey orm)
 BENCH_DIR=${MC_BENCH_DIR:-$MC_ROOT/target/bench}
 BENCH_PORT=${MC_BENCH_PORT:-55480}
 ROWS=${MC_BENCH_ROWS:-1000000}
@@ -176,6 +179,10 @@ bench_gcm() {
         "SELECT count(octet_length(manna_crypt.encrypt_gcm(v, $key))) FROM bench.tokens" "floor: tokens"
     record gcm "encrypt_gcm keyring" \
         "SELECT count(octet_length(manna_crypt.encrypt_gcm(v, 'bench'))) FROM bench.tokens" "floor: tokens"
+    # The same without the usage counter (docs/DESIGN.md 7.2), in the same
+    # build and run: only the benchmark build has this function.
+    record gcm "encrypt_gcm keyring, uncounted" \
+        "SELECT count(octet_length(manna_crypt._bench_encrypt_gcm_uncounted(v, 'bench'))) FROM bench.tokens" "floor: tokens"
     record gcm "pgcrypto encrypt aes-256-cbc" \
         "SELECT count(octet_length(encrypt(convert_to(v, 'UTF8'), $key, 'aes'))) FROM bench.tokens" "floor: tokens"
     record gcm "decrypt_gcm raw key" \
@@ -206,6 +213,7 @@ bench_gcm() {
         "'encrypt_gcm raw / pgcrypto encrypt', 'encrypt_gcm raw key', 'pgcrypto encrypt aes-256-cbc', 0.5, 1" \
         "'decrypt_gcm raw / pgcrypto decrypt', 'decrypt_gcm raw key', 'pgcrypto decrypt aes-256-cbc', 0.5, 2" \
         "'encrypt_gcm keyring / raw key', 'encrypt_gcm keyring', 'encrypt_gcm raw key', 1.1, 3" \
+        "'keyring counted / uncounted', 'encrypt_gcm keyring', 'encrypt_gcm keyring, uncounted', 1.05, 5" \
         "'decrypt_gcm keyring / raw key', 'decrypt_gcm keyring', 'decrypt_gcm raw key', 1.1, 4"
 }
 
@@ -276,6 +284,143 @@ bench_orm() {
     echo "   (load average: $(cut -d' ' -f1-3 /proc/loadavg))"
 }
 
+# ---- rootkey: the root key from a command that takes as long as a KMS call ------
+
+RK_ROWS=${MC_BENCH_ROOTKEY_ROWS:-200000}
+RK_CONNS=${MC_BENCH_ROOTKEY_CONNS:-50}
+RK_PAR_RUNS=${MC_BENCH_ROOTKEY_PAR_RUNS:-5}
+RK_PGBENCH_SECONDS=${MC_BENCH_ROOTKEY_SECONDS:-10}
+RK_ONE="SELECT length(manna_crypt.decrypt_gcm(c)) FROM bench.rk_one"
+# A real parallel sequential scan (2 workers planned and launched), with the
+# decryption in the workers' filter: each worker needs the data key, so the
+# root key, itself.
+RK_PARALLEL="SELECT count(*) FROM bench.rk_par WHERE manna_crypt.decrypt_gcm(c) LIKE 'access-%'"
+RK_PARALLEL_SETTINGS="SET max_parallel_workers_per_gather = 2; SET parallel_setup_cost = 0;
+    SET parallel_tuple_cost = 0; SET min_parallel_table_scan_size = 0; SET parallel_leader_participation = on;"
+
+rk_count() { as_pg cat "$BENCH_DIR/keys/rootcmd.count" | wc -l; }
+rk_reset_count() { as_pg sh -c ": > '$BENCH_DIR/keys/rootcmd.count'"; }
+
+# rk_source file|command: switches the root key source (ALTER SYSTEM and a
+# reload) and waits until new sessions see it.
+rk_source() {
+    local cmd=""
+    if [ "$1" = command ]; then
+        cmd="$BENCH_DIR/keys/rootcmd.sh"
+        bpsql -q -c "ALTER SYSTEM SET manna_crypt.root_key_file = ''" \
+            -c "ALTER SYSTEM SET manna_crypt.root_key_command = '$cmd'" -c "SELECT pg_reload_conf()" >/dev/null
+    else
+        bpsql -q -c "ALTER SYSTEM RESET manna_crypt.root_key_command" \
+            -c "ALTER SYSTEM RESET manna_crypt.root_key_file" -c "SELECT pg_reload_conf()" >/dev/null
+    fi
+    local i
+    for i in $(seq 1 100); do
+        [ "$(bpsql -qAt -c "SHOW manna_crypt.root_key_command")" = "$cmd" ] && return 0
+        sleep 0.1
+    done
+    die "the root key source did not switch to $1"
+}
+
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+# rk_connections SOURCE: RK_CONNS new sessions, one keyring decryption
+# each; prints "command-runs median-ms max-ms" of the first (and only)
+# query of each session.
+rk_connections() {
+    rk_source "$1"
+    rk_reset_count
+    local times=() i t
+    for i in $(seq 1 "$RK_CONNS"); do
+        t=$(bpsql -qAt -c '\timing on' -c "$RK_ONE" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p')
+        [ -n "$t" ] || die "no timing from psql"
+        times+=("$t")
+    done
+    echo "$(rk_count) $(printf '%s\n' "${times[@]}" | median) $(printf '%s\n' "${times[@]}" | sort -g | tail -n 1)"
+}
+
+# rk_parallel SOURCE: the parallel query once (the first load), then
+# RK_PAR_RUNS times in the same session; prints "command-runs-per-execution
+# median-ms workers-launched" of those runs. Parallel workers are new
+# processes: without a root key shared by the server, each one loads it.
+rk_parallel() {
+    rk_source "$1"
+    bpsql -qAt -c "$RK_ONE" >/dev/null   # the first load, outside the measurement
+    local out workers
+    workers=$(bpsql -qAt -c "$RK_PARALLEL_SETTINGS" -c "EXPLAIN (ANALYZE, COSTS OFF) $RK_PARALLEL" \
+        | sed -n 's/.*Workers Launched: \([0-9]*\).*/\1/p')
+    # One session: a first execution (the leader's and the workers' first
+    # load), the counter emptied, then the timed executions.
+    local args=(-c "$RK_PARALLEL_SETTINGS" -c "$RK_PARALLEL"
+                -c "\\! : > '$BENCH_DIR/keys/rootcmd.count'" -c '\timing on') i
+    for i in $(seq 1 "$RK_PAR_RUNS"); do args+=(-c "$RK_PARALLEL"); done
+    out=$(bpsql -qAt "${args[@]}" 2>&1)
+    local times
+    times=$(printf '%s\n' "$out" | sed -n 's/^Time: \([0-9.]*\) ms.*/\1/p' | tail -n "$RK_PAR_RUNS")
+    printf '%s\n' "$out" | grep -qx "$RK_ROWS" || { printf '%s\n' "$out" >&2; die "the parallel query did not decrypt every row"; }
+    echo "$(awk -v n="$(rk_count)" -v r="$RK_PAR_RUNS" 'BEGIN { printf "%.1f", n / r }') $(printf '%s\n' "$times" | median) ${workers:-?}"
+}
+
+# rk_pgbench SOURCE: pgbench -C (a new connection per transaction), one
+# keyring decryption per transaction; prints "tps command-runs transactions".
+rk_pgbench() {
+    rk_source "$1"
+    rk_reset_count
+    local out tps xacts
+    out=$("$(pg_bindir)/pgbench" -h "$BENCH_DIR" -p "$BENCH_PORT" -n -C -c 2 -j 2 -T "$RK_PGBENCH_SECONDS" \
+        -f "$BENCH_DIR/rk_one.sql" bench 2>&1) || { printf '%s\n' "$out" >&2; die "pgbench failed"; }
+    tps=$(printf '%s\n' "$out" | sed -n 's/^tps = \([0-9.]*\) .*/\1/p' | head -n 1)
+    xacts=$(printf '%s\n' "$out" | sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p')
+    [ -n "$tps" ] && [ -n "$xacts" ] || { printf '%s\n' "$out" >&2; die "could not parse pgbench output"; }
+    echo "$tps $(rk_count) $xacts"
+}
+
+bench_rootkey() {
+    log "section rootkey: preparing $RK_ROWS rows"
+    # The command: as long as a KMS call (0.3 s), then the same key as the
+    # file; each run appends a line to rootcmd.count.
+    as_pg sh -c "umask 077; printf '%s\n' '#!/bin/sh' \
+        'echo run >> \"$BENCH_DIR/keys/rootcmd.count\"' 'sleep 0.3' 'cat \"$BENCH_DIR/keys/root.key\"' \
+        > '$BENCH_DIR/keys/rootcmd.sh'; chmod 700 '$BENCH_DIR/keys/rootcmd.sh'; : > '$BENCH_DIR/keys/rootcmd.count'"
+    printf '%s;\n' "$RK_ONE" >"$BENCH_DIR/rk_one.sql"
+    chmod a+r "$BENCH_DIR/rk_one.sql"
+    bpsql -q -c "SET client_min_messages = warning" -c "
+        SELECT manna_crypt.create_keyring('rk');
+        CREATE TABLE bench.rk_par AS
+            SELECT manna_crypt.encrypt_gcm('access-sandbox-' || gen_random_uuid(), 'rk')::text AS c
+            FROM generate_series(1, $RK_ROWS);
+        CREATE TABLE bench.rk_one AS SELECT c FROM bench.rk_par LIMIT 1;" \
+        -c "VACUUM ANALYZE bench.rk_par, bench.rk_one" >/dev/null
+
+    local conn_cmd conn_file par_cmd par_file pgb_cmd pgb_file
+    log "section rootkey: $RK_CONNS new connections, command source, then file source"
+    conn_cmd=$(rk_connections command)
+    conn_file=$(rk_connections file)
+    log "section rootkey: parallel query (2 workers), $RK_PAR_RUNS runs per source"
+    par_cmd=$(rk_parallel command)
+    par_file=$(rk_parallel file)
+    log "section rootkey: pgbench -C, ${RK_PGBENCH_SECONDS} s per source"
+    pgb_cmd=$(rk_pgbench command)
+    pgb_file=$(rk_pgbench file)
+
+    local c1 c2 c3 f1 f2 f3
+    echo
+    echo "== rootkey: root key from a command that takes 0.3 s (a KMS call) vs the key file (load average: $(cut -d' ' -f1-3 /proc/loadavg)) =="
+    read -r c1 c2 c3 <<<"$conn_cmd"; read -r f1 f2 f3 <<<"$conn_file"
+    printf '%s\n' "$RK_CONNS new connections, each: $RK_ONE"
+    printf '  %-8s %14s %22s %16s\n' source "command runs" "median first query ms" "slowest ms"
+    printf '  %-8s %14s %22s %16s\n' command "$c1" "$c2" "$c3" file "-" "$f2" "$f3"
+    read -r c1 c2 c3 <<<"$par_cmd"; read -r f1 f2 f3 <<<"$par_file"
+    printf '%s\n' "parallel query ($c3 workers launched), $RK_ROWS rows, $RK_PAR_RUNS executions in one session after the first load:"
+    printf '%s\n' "  $RK_PARALLEL"
+    printf '  %-8s %26s %16s\n' source "command runs per execution" "median ms"
+    printf '  %-8s %26s %16s\n' command "$c1" "$c2" file "-" "$f2"
+    read -r c1 c2 c3 <<<"$pgb_cmd"; read -r f1 f2 f3 <<<"$pgb_file"
+    printf '%s\n' "pgbench -C -c 2 -j 2 -T $RK_PGBENCH_SECONDS (a new connection per transaction), one decryption per transaction:"
+    printf '  %-8s %10s %14s %14s\n' source tps "command runs" transactions
+    printf '  %-8s %10.1f %14s %14s\n' command "$c1" "$c2" "$c3" file "$f1" "-" "$f3"
+    rk_source file
+}
+
 # ---- main ----------------------------------------------------------------------
 
 main() {
@@ -284,7 +429,9 @@ main() {
     for s in "${wanted[@]}"; do
         declare -F "bench_$s" >/dev/null || die "unknown section '$s' (sections: ${SECTIONS[*]})"
     done
-    "$MC_ROOT/scripts/setup.sh"
+    # The benchmark build: the release build plus the uncounted baseline of
+    # the gcm section (a function no release has).
+    MC_CARGO_FEATURES=bench_uncounted "$MC_ROOT/scripts/setup.sh"
     start_cluster
     for s in "${wanted[@]}"; do
         "bench_$s"

@@ -153,18 +153,38 @@ cluster_start() {
 install_extension() {
     local sudo=()
     [ "$(id -u)" = 0 ] || sudo=(--sudo)
-    (cd "$MC_ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG" "${sudo[@]}" >/dev/null)
+    # MC_CARGO_FEATURES: extra cargo features (scripts/bench.sh sets the
+    # benchmark-only bench_uncounted).
+    local features=()
+    [ -z "${MC_CARGO_FEATURES:-}" ] || features=(--features "$MC_CARGO_FEATURES")
+    (cd "$MC_ROOT" && cargo pgrx install --release --pg-config "$PG_CONFIG" "${sudo[@]}" "${features[@]}" >/dev/null)
+}
+
+# venv_base_python: the interpreter target/venv is made from. The server's
+# OS user must be able to run it: tests/python/test_kms_moto.py runs
+# scripts/kms/aws_kms_root_key.py with target/venv/bin/python as the root
+# key command. Debian's /usr/bin/python3 (python3-venv, scripts/setup.sh)
+# is; an interpreter under root's home (pyenv, mode 0700) is not.
+venv_base_python() {
+    if [ -x /usr/bin/python3 ]; then echo /usr/bin/python3; else command -v python3; fi
 }
 
 # ensure_venv: the Python environment of the client tests and benchmarks
-# (psycopg, SQLAlchemy, Alembic, pytest, cryptography) in target/venv.
+# (psycopg, SQLAlchemy, Alembic, pytest, cryptography, moto and boto3) in
+# target/venv, made anew when requirements.txt changed or it was made from
+# another interpreter, and readable by everyone (the server's OS user
+# imports boto3 from it).
 ensure_venv() {
-    local venv="$MC_ROOT/target/venv" req="$MC_ROOT/tests/python/requirements.txt"
-    if [ ! -x "$venv/bin/pytest" ] || [ "$req" -nt "$venv/bin/pytest" ]; then
-        log "creating the Python environment in target/venv"
-        python3 -m venv "$venv"
+    local venv="$MC_ROOT/target/venv" req="$MC_ROOT/tests/python/requirements.txt" base
+    base=$(venv_base_python)
+    if [ ! -x "$venv/bin/pytest" ] || [ "$req" -nt "$venv/bin/pytest" ] \
+        || ! grep -qxF "executable = $(readlink -f "$base")" "$venv/pyvenv.cfg" 2>/dev/null; then
+        log "creating the Python environment in target/venv (from $base)"
+        rm -rf "$venv"
+        "$base" -m venv "$venv"
         "$venv/bin/pip" install -q --upgrade pip
         "$venv/bin/pip" install -q -r "$req"
+        chmod -R a+rX "$venv"
         touch "$venv/bin/pytest"
     fi
     # The Python package of this repository (python/), editable so the tests

@@ -42,6 +42,7 @@ GRANT EXECUTE ON FUNCTION
     manna_crypt.root_key_status(),
     manna_crypt.reload_root_key(),
     manna_crypt.info(),
+    manna_crypt._key_usage(),
     manna_crypt.register_column(regclass, text),
     manna_crypt.unregister_column(regclass, text)
   TO manna_crypt_admin;
@@ -105,7 +106,7 @@ COMMENT ON FUNCTION manna_crypt.key_id(text) IS 'the key id in a text ciphertext
 COMMENT ON FUNCTION manna_crypt.key_id(bytea) IS 'the key id in a binary envelope header (0 = raw key)';
 COMMENT ON FUNCTION manna_crypt.create_keyring(text, interval) IS 'create an AES-256-GCM keyring with an active version-1 key; returns its key id';
 COMMENT ON FUNCTION manna_crypt.rotate_keyring(text) IS 'make a new active key version; older versions stay decrypt_only; returns the new key id';
-COMMENT ON FUNCTION manna_crypt.rotate_due() IS 'rotate every keyring whose rotation period has elapsed (for pg_cron)';
+COMMENT ON FUNCTION manna_crypt.rotate_due() IS 'rotate every keyring whose rotation period has elapsed or whose active key is past the warning fraction of its nonce budget (for pg_cron)';
 COMMENT ON FUNCTION manna_crypt.set_rotation_period(text, interval) IS 'set or clear (NULL) a keyring''s rotation period';
 COMMENT ON FUNCTION manna_crypt.revoke_key(integer, boolean) IS 'revoke a key: it no longer encrypts or decrypts; refused while registered columns use it unless forced';
 COMMENT ON FUNCTION manna_crypt.reinstate_key(integer) IS 'undo a revocation: the key becomes decrypt_only';
@@ -115,7 +116,8 @@ COMMENT ON FUNCTION manna_crypt.import_fernet_key_file(text, text) IS 'import ev
 COMMENT ON FUNCTION manna_crypt.rewrap_keys() IS 'root-key rotation: re-wrap every data key under the current root key, using the previous one; touches no row';
 COMMENT ON FUNCTION manna_crypt.reload_root_key() IS 'load the root key (and the previous one, when set) afresh from its source for the whole server, even while a failing command is in back-off; returns the current root key''s fingerprint';
 COMMENT ON FUNCTION manna_crypt.root_key_status() IS 'every database of the cluster and the root key its data keys are wrapped under: current, needs previous root key, another root key, no keys, or unknown';
-COMMENT ON FUNCTION manna_crypt.info() IS 'version, root key source and fingerprint, keyrings, key counts, CPU AES support';
+COMMENT ON FUNCTION manna_crypt.info() IS 'version, root key source and fingerprint, keyrings, key counts, nonce budget use, CPU AES support';
+COMMENT ON FUNCTION manna_crypt._key_usage() IS 'internal: encryptions so far and last use of every counted data key of this database (the keys view)';
 COMMENT ON FUNCTION manna_crypt.register_column(regclass, text) IS 'record that a text column holds ciphertexts, protecting the keys it uses';
 COMMENT ON FUNCTION manna_crypt.unregister_column(regclass, text) IS 'forget a registered column';
 COMMENT ON FUNCTION manna_crypt._staged_secret() IS 'internal: the wrapped key or check value staged for manna_crypt''s own statement, so no key material is ever statement text or a parameter';

@@ -328,3 +328,26 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'health_wrapper';
 REVOKE EXECUTE ON FUNCTION manna_crypt.health() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION manna_crypt.health() TO manna_crypt_user;
 COMMENT ON FUNCTION manna_crypt.health() IS 'for an application''s health check: {version, ok, root_key_state[, error]}; nothing about keyrings or keys';
+
+-- ---------------------------------------------------------------------------
+-- Usage counters and the nonce budget (docs/DESIGN.md section 7.2): the
+-- keys view gains encryptions and last_used (new columns at the end, so
+-- CREATE OR REPLACE VIEW keeps its grants and the objects built on it).
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION manna_crypt._key_usage()
+RETURNS TABLE (key_id integer, encryptions bigint, last_used timestamp with time zone)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c AS 'MODULE_PATHNAME', '_key_usage_wrapper';
+REVOKE EXECUTE ON FUNCTION manna_crypt._key_usage() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION manna_crypt._key_usage() TO manna_crypt_admin;
+COMMENT ON FUNCTION manna_crypt._key_usage() IS 'internal: encryptions so far and last use of every counted data key of this database (the keys view)';
+CREATE OR REPLACE VIEW manna_crypt.keys AS
+SELECT k.key_id, r.name AS keyring, r.kind, k.version, k.status,
+       k.created_at, k.status_changed_at, k.root_fingerprint, r.rotation_period,
+       coalesce(u.encryptions, 0) AS encryptions, u.last_used
+  FROM manna_crypt.data_keys k
+  JOIN manna_crypt.keyrings r USING (keyring_id)
+  LEFT JOIN manna_crypt._key_usage() u ON u.key_id = k.key_id;
+COMMENT ON VIEW manna_crypt.keys IS 'every data key with its keyring, version, status, encryptions so far and last use; no key material';
+COMMENT ON FUNCTION manna_crypt.rotate_due() IS 'rotate every keyring whose rotation period has elapsed or whose active key is past the warning fraction of its nonce budget (for pg_cron)';
+COMMENT ON FUNCTION manna_crypt.info() IS 'version, root key source and fingerprint, keyrings, key counts, nonce budget use, CPU AES support';

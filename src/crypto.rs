@@ -16,7 +16,8 @@ use manna_crypt_core::secret::Key32;
 use zeroize::Zeroizing;
 
 use crate::error::{McError, McResult};
-use crate::keys::cache;
+use crate::keys::budget;
+use crate::keys::cache::{self, ActiveKey};
 use crate::pg::xact::backend_pid;
 
 thread_local! {
@@ -77,6 +78,10 @@ pub fn next_nonce() -> [u8; NONCE_LEN] {
 pub enum KeySource<'a> {
     Raw(&'a [u8]),
     Keyring(&'a str),
+    /// A keyring without counting the encryption: only in the benchmark
+    /// build (feature `bench_uncounted`), to measure what counting costs.
+    #[cfg(feature = "bench_uncounted")]
+    KeyringUncounted(&'a str),
 }
 
 /// A caller's raw AES-256 key: exactly 32 bytes (22023 otherwise).
@@ -117,8 +122,14 @@ pub fn seal_value(
     match source {
         KeySource::Raw(key) => with_raw_cipher(key, |c| aead::seal(c, 0, nonce, aad, plaintext)),
         KeySource::Keyring(name) => {
-            let (key_id, cipher) = cache::active_key(name)?;
-            Ok(aead::seal(&cipher, key_id, nonce, aad, plaintext))
+            let key = cache::active_key(name)?;
+            budget::count_encryption(&key.tally, key.key_id, name)?;
+            Ok(aead::seal(&key.cipher, key.key_id, nonce, aad, plaintext))
+        }
+        #[cfg(feature = "bench_uncounted")]
+        KeySource::KeyringUncounted(name) => {
+            let key = cache::active_key(name)?;
+            Ok(aead::seal(&key.cipher, key.key_id, nonce, aad, plaintext))
         }
     }
 }
@@ -156,16 +167,18 @@ pub fn open_value(
     }
 }
 
-/// Seals under a known cipher and opens the result again before handing it
-/// out: the re-encryption engine writes nothing that does not decrypt back
-/// to its plaintext.
+/// Seals under a keyring's active key (counted like every encryption) and
+/// opens the result again before handing it out: the re-encryption engine
+/// writes nothing that does not decrypt back to its plaintext.
 pub fn seal_verified(
-    cipher: &Cipher,
-    key_id: u32,
+    key: &ActiveKey,
+    keyring: &str,
     plaintext: &[u8],
     aad: &[u8],
 ) -> McResult<String> {
     Form::Text.check(plaintext.len())?;
+    budget::count_encryption(&key.tally, key.key_id, keyring)?;
+    let (cipher, key_id) = (&*key.cipher, key.key_id);
     let env = aead::seal(cipher, key_id, next_nonce(), aad, plaintext);
     let back = aead::open(cipher, &Envelope::parse(&env)?, aad)?;
     if back[..] != plaintext[..] {

@@ -91,8 +91,17 @@ pub enum McError {
         detail: String,
         hint: String,
     },
+    /// 53400: a limit set by a server setting is reached (the usage
+    /// counters' shared memory).
+    LimitExceeded {
+        message: String,
+        detail: String,
+        hint: String,
+    },
     /// 22004: a NULL where a value is needed (a protected column's AAD).
     NullValue { message: String, hint: String },
+    /// 58030: a usage counter file cannot be read, parsed or written.
+    CounterIo { message: String, detail: String },
 }
 
 pub type McResult<T> = Result<T, McError>;
@@ -156,6 +165,8 @@ impl McError {
             McError::TooLarge { .. } => Code::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             McError::CheckViolation { .. } => Code::ERRCODE_CHECK_VIOLATION,
             McError::NullValue { .. } => Code::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            McError::LimitExceeded { .. } => Code::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            McError::CounterIo { .. } => Code::ERRCODE_IO_ERROR,
         }
     }
 
@@ -227,8 +238,15 @@ impl McError {
             | McError::WrongType { message, hint }
             | McError::PermissionDenied { message, hint } => (message, None, Some(hint)),
             McError::UndefinedTable { message } => (message, None, None),
-            McError::TooLarge { message, detail } => (message, Some(detail), None),
+            McError::TooLarge { message, detail } | McError::CounterIo { message, detail } => {
+                (message, Some(detail), None)
+            }
             McError::CheckViolation {
+                message,
+                detail,
+                hint,
+            }
+            | McError::LimitExceeded {
                 message,
                 detail,
                 hint,

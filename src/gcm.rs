@@ -64,6 +64,22 @@ fn encrypt_gcm_keyring(
     Some(EncryptedText(envelope::to_text(&env.or_raise())))
 }
 
+/// The benchmark's baseline (scripts/bench.sh gcm): `encrypt_gcm(text,
+/// keyring)` without counting the encryption. Only in a build with the
+/// `bench_uncounted` feature, never in a release.
+#[cfg(feature = "bench_uncounted")]
+#[pg_extern(volatile, parallel_safe, requires = ["encrypted_text_domain"])]
+fn _bench_encrypt_gcm_uncounted(
+    plaintext: Option<&str>,
+    keyring: Option<&str>,
+) -> Option<EncryptedText> {
+    let keyring = not_null(keyring, "keyring");
+    let pt = plaintext?;
+    let source = KeySource::KeyringUncounted(keyring);
+    let env = seal_value(source, Form::Text, pt.as_bytes(), b"");
+    Some(EncryptedText(envelope::to_text(&env.or_raise())))
+}
+
 #[pg_extern(name = "decrypt_gcm", immutable, parallel_safe)]
 fn decrypt_gcm_raw(
     ciphertext: Option<&str>,

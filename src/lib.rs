@@ -31,7 +31,11 @@ mod reencrypt;
 // view on the key tables; the domain needs its CHECK function; grants and
 // the comments on Rust-defined functions come last (`finalize.sql`).
 extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
-extension_sql_file!("../sql/keys.sql", name = "keys", requires = ["bootstrap"]);
+extension_sql_file!(
+    "../sql/keys.sql",
+    name = "keys",
+    requires = ["bootstrap", keys::budget::_key_usage]
+);
 extension_sql_file!(
     "../sql/domain.sql",
     name = "encrypted_text_domain",
@@ -62,6 +66,10 @@ pub extern "C-unwind" fn _PG_init() {
     // First: no message of ours carries a Rust backtrace or location.
     pg::report::install();
     keys::rootkey::register_settings();
+    // Every setting is defined before the prefix is reserved: reserving
+    // drops the server file's values of names not defined yet.
+    keys::budget::register_settings();
+    keys::counters::register_settings();
     // A typo in a setting name (manna_crypt.root_key_flie) is an error, not
     // a silently accepted placeholder.
     // SAFETY: a NUL-terminated prefix; PostgreSQL copies it.
@@ -69,7 +77,7 @@ pub extern "C-unwind" fn _PG_init() {
     keys::cache::register_callback();
     // Shared memory exists only when preloaded; without it, root-key
     // operations refuse with a HINT (see keys::rootshared).
-    if pg::shmem::install(&[keys::rootshared::PART]) {
+    if pg::shmem::install(&[keys::rootshared::PART, keys::counters::PART]) {
         keys::rootshared::map_page();
     }
 }
@@ -96,7 +104,7 @@ pub mod pg_test {
                 "manna_crypt.root_key_command = ",
                 "'echo 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f'"
             ),
-            // Root keys live in shared memory, which needs preloading.
+            // Root keys and the encryption counters live in shared memory.
             "shared_preload_libraries = 'manna_crypt'",
         ]
     }

@@ -423,3 +423,18 @@ fn an_error_inside_our_statement_keeps_its_fields() {
     assert!(got.starts_with(want), "{got}");
     assert!(!got.contains(".rs") && !got.contains("backtrace"), "{got}");
 }
+
+const COUNTED: &str = "SELECT encryptions FROM manna_crypt.keys WHERE key_id = ";
+const ENCRYPT_TEN: &str =
+    "SELECT manna_crypt.encrypt_gcm('v' || g, 'counted_unit') FROM generate_series(1, 10) g";
+
+#[pg_test]
+fn keyring_encryptions_are_counted_raw_ones_are_not() {
+    // A delta: the test cluster's counter files outlive rolled-back tests.
+    let id = one::<i32>("SELECT manna_crypt.create_keyring('counted_unit')").unwrap();
+    let count = || one::<i64>(&format!("{COUNTED}{id}")).unwrap();
+    let before = count();
+    Spi::run(ENCRYPT_TEN).unwrap();
+    Spi::run(&format!("SELECT manna_crypt.encrypt_gcm('v', {})", key_sql())).unwrap();
+    assert_eq!(count() - before, 10);
+}

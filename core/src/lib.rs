@@ -6,6 +6,8 @@
 //!
 //! - [`envelope`]: the version-1 ciphertext format (binary and `mc1:` text form);
 //! - [`aead`]: AES-256-GCM seal/open with the envelope header bound into the AAD;
+//! - [`budget`]: the nonce budget of a data key, blocks and durable marks
+//!   for counting encryptions, and the counter file format;
 //! - [`nonce`]: per-process CSPRNG for 96-bit nonces, safe across `fork()`;
 //! - [`keywrap`]: data keys wrapped under the root key, and the key check value;
 //! - [`fernet`]: reading (and, for tests, writing) legacy Fernet tokens;
@@ -14,6 +16,7 @@
 //! - [`classify`]: what a stored text value is (ciphertext, token, plaintext).
 
 pub mod aead;
+pub mod budget;
 pub mod classify;
 pub mod envelope;
 pub mod fernet;

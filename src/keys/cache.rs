@@ -30,8 +30,10 @@ use manna_crypt_core::secret::Key32;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use super::counters::Kind;
 use super::rootkey;
 use super::store::{self, Status};
+use super::tally::{self, Tally};
 use crate::error::{McError, McResult};
 use crate::pg::security::{self, run_as, Identity};
 
@@ -42,8 +44,17 @@ enum KeyEntry {
     Missing,
 }
 
+/// A GCM keyring's active key: what encrypting needs, with the session's
+/// tally of its encryptions right beside the cipher (no second lookup).
+#[derive(Clone)]
+pub struct ActiveKey {
+    pub key_id: u32,
+    pub cipher: Rc<Cipher>,
+    pub tally: Rc<Tally>,
+}
+
 enum RingEntry {
-    Gcm { key_id: u32, cipher: Rc<Cipher> },
+    Gcm(ActiveKey),
     NoActive,
     Fernet(Rc<Vec<(u32, FernetKey)>>),
     Missing,
@@ -252,11 +263,11 @@ pub fn material(key_id: u32) -> McResult<Option<(KeyKind, Key32)>> {
     Ok(Some((kind, unwrap_key(&slot, wrapped)?)))
 }
 
-/// The active key of a GCM keyring: its id and cipher.
-pub fn active_key(keyring: &str) -> McResult<(u32, Rc<Cipher>)> {
+/// The active key of a GCM keyring.
+pub fn active_key(keyring: &str) -> McResult<ActiveKey> {
     check_stale();
     let answer = |e: &RingEntry| match e {
-        RingEntry::Gcm { key_id, cipher } => Ok((*key_id, cipher.clone())),
+        RingEntry::Gcm(key) => Ok(key.clone()),
         RingEntry::NoActive => Err(McError::WrongState {
             message: format!("keyring \"{keyring}\" has no active key"),
             detail: Some("its active key was revoked".into()),
@@ -296,7 +307,7 @@ pub fn fernet_keys(keyring: &str) -> McResult<Rc<Vec<(u32, FernetKey)>>> {
         }),
         RingEntry::Fernet(keys) => Ok(keys.clone()),
         RingEntry::Missing => Err(McError::unknown_keyring(keyring)),
-        RingEntry::Gcm { .. } | RingEntry::NoActive => Err(McError::BadArgument {
+        RingEntry::Gcm(_) | RingEntry::NoActive => Err(McError::BadArgument {
             message: format!("keyring \"{keyring}\" is an AES-GCM keyring, not a Fernet keyring"),
             detail: None,
             hint: Some("import legacy keys with manna_crypt.import_fernet_key()".into()),
@@ -333,10 +344,11 @@ fn load_ring(keyring: &str) -> McResult<RingEntry> {
         .iter()
         .find(|(_, status, _)| *status == Status::Active);
     match active {
-        Some((id, _, wrapped)) => Ok(RingEntry::Gcm {
+        Some((id, _, wrapped)) => Ok(RingEntry::Gcm(ActiveKey {
             key_id: *id,
             cipher: Rc::new(Cipher::new(&unwrap_key(&slot(*id), wrapped)?)),
-        }),
+            tally: tally::tally(Kind::Encryptions, *id),
+        })),
         None => Ok(RingEntry::NoActive),
     }
 }

@@ -11,6 +11,7 @@ use super::rootkey::{self, Which};
 use super::rootshared::{self, Status};
 use super::rootstatus;
 use super::usage;
+use super::{budget, counters, store};
 use crate::error::{McError, McResult, OrRaise};
 use crate::pg::security::{run_as, Identity};
 use crate::pg::spi::{self, Mode};
@@ -138,11 +139,12 @@ fn reload_root_key() -> String {
 /// their active versions, key counts by status, and CPU AES support.
 #[pg_extern(stable, parallel_unsafe)]
 fn info() -> JsonB {
-    let (keyrings, by_status, registered) = run_as(Identity::ExtensionOwner, || {
+    let (keyrings, by_status, registered, active) = run_as(Identity::ExtensionOwner, || {
         Ok((
             json_of(KEYRINGS)?,
             json_of(KEYS_BY_STATUS)?,
             usage::registered_count()?,
+            store::active_gcm_keys()?,
         ))
     })
     .or_raise();
@@ -152,8 +154,35 @@ fn info() -> JsonB {
         "keyrings": keyrings,
         "keys_by_status": by_status,
         "registered_columns": registered,
+        "nonce_budget": budget_info(&active),
         "cpu": cpu_features(),
     }))
+}
+
+/// The usage counters at a glance: never an error, like [`root_info`].
+fn budget_info(active: &[(String, i32)]) -> Value {
+    let b = budget::current();
+    let settings = json!({
+        "limit_log2": budget::BUDGET_LOG2.get(),
+        "warn_fraction": budget::WARN_FRACTION.get(),
+        "counting": counters::available(),
+    });
+    let (counts, past) = match budget::counts().and_then(|c| Ok((c, budget::past_warning(active)?)))
+    {
+        Ok(v) => v,
+        Err(e) => return json!({ "settings": settings, "error": e.message() }),
+    };
+    let highest = active
+        .iter()
+        .map(|(_, id)| b.fraction(counts.get(&(*id as u32)).copied().unwrap_or(0)))
+        .fold(0.0, f64::max);
+    json!({
+        "settings": settings,
+        "counted_keys": counts.values().filter(|n| **n > 0).count(),
+        "encryptions": counts.values().fold(0u64, |a, n| a.saturating_add(*n)),
+        "highest_active_fraction": highest,
+        "keyrings_past_warning": past.into_iter().map(|(ring, _)| ring).collect::<Vec<_>>(),
+    })
 }
 
 fn cpu_features() -> Value {

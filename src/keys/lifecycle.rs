@@ -15,6 +15,7 @@ use pgrx::datum::Interval;
 use pgrx::prelude::*;
 use serde_json::json;
 
+use super::budget;
 use super::cache;
 use super::store::{self, KeyLock, Status};
 use super::usage;
@@ -130,13 +131,24 @@ fn rotate_keyring(name: Option<&str>) -> i32 {
 }
 
 /// Rotates every AES-GCM keyring whose rotation period has elapsed since its
-/// last rotation (or creation). Meant for a scheduler such as pg_cron.
+/// last rotation (or creation), or whose active key is past the warning
+/// fraction of its nonce budget (see [`super::budget`]). Meant for a
+/// scheduler such as pg_cron.
 #[pg_extern(volatile, parallel_unsafe)]
 fn rotate_due() -> TableIterator<'static, (name!(keyring, String), name!(key_id, i32))> {
     let rotated = key_change(c"manna_crypt.rotate_due()", |role| {
-        store::due_rings()?
+        let mut due: Vec<(String, String)> = store::due_rings()?
             .into_iter()
-            .map(|name| rotate(&name, role, "rotation period elapsed").map(|id| (name, id)))
+            .map(|name| (name, "rotation period elapsed".to_owned()))
+            .collect();
+        for (name, count) in budget::past_warning(&store::active_gcm_keys()?)? {
+            if !due.iter().any(|(n, _)| *n == name) {
+                due.push((name, format!("nonce budget: {count} encryptions")));
+            }
+        }
+        due.sort();
+        due.into_iter()
+            .map(|(name, why)| rotate(&name, role, &why).map(|id| (name, id)))
             .collect::<McResult<Vec<_>>>()
     });
     TableIterator::new(rotated)

@@ -13,6 +13,12 @@
 //!   with back-off while a source fails;
 //! - [`rootkey`]: the root-key settings, the loaded keys, and which root key
 //!   opens the stored data keys;
+//! - [`countfile`]: the usage counters' files in the data directory;
+//! - [`counters`]: counters per (database, kind, id) in shared memory,
+//!   reserved ahead in blocks so a crash over-counts but never under-counts;
+//! - [`tally`]: one backend's blocks of those counters, given back at exit;
+//! - [`budget`]: the nonce budget of data keys: settings, the count on every
+//!   encryption, the WARNING, `_key_usage()` for the `keys` view;
 //! - [`cache`]: unwrapped data keys per backend, invalidated by relcache
 //!   messages so a revocation is seen by every session at its next transaction;
 //! - [`usage`]: registered columns and how many values a key still protects;
@@ -24,7 +30,10 @@
 //!
 //! Nothing here knows about re-encryption or locking, which sit above.
 
+pub mod budget;
 pub mod cache;
+pub mod counters;
+pub mod countfile;
 pub mod import;
 pub mod info;
 pub mod lifecycle;
@@ -36,5 +45,6 @@ pub mod rootstatus;
 pub mod secret_file;
 pub mod staged;
 pub mod store;
+pub mod tally;
 pub mod usage;
 pub mod wrapping;

@@ -198,6 +198,12 @@ const DUE_RINGS: &str = "\
        AND coalesce(rotated_at, created_at) + rotation_period <= now() \
      ORDER BY name";
 
+const ACTIVE_GCM_KEYS: &str = "\
+    SELECT r.name, k.key_id FROM manna_crypt.keyrings r \
+      JOIN manna_crypt.data_keys k USING (keyring_id) \
+     WHERE r.kind = 'gcm' AND k.status = 'active' \
+     ORDER BY r.name";
+
 const SET_PERIOD: &str =
     "UPDATE manna_crypt.keyrings SET rotation_period = $2 WHERE keyring_id = $1";
 
@@ -328,6 +334,13 @@ pub fn mark_rotated(keyring_id: i32) -> McResult<()> {
 /// AES-GCM keyrings whose rotation period has elapsed, by name.
 pub fn due_rings() -> McResult<Vec<String>> {
     spi::rows(Mode::Write, DUE_RINGS, &[], |r| r.req(1))
+}
+
+/// Every AES-GCM keyring with its active key's id.
+pub fn active_gcm_keys() -> McResult<Vec<(String, i32)>> {
+    spi::rows(Mode::Read, ACTIVE_GCM_KEYS, &[], |r| {
+        Ok((r.req(1)?, r.req(2)?))
+    })
 }
 
 pub fn set_period(keyring_id: i32, period: Option<Interval>) -> McResult<()> {

@@ -47,6 +47,8 @@ use pgrx::PgSqlErrorCode;
 
 const ERROR: i32 = pg_sys::PGERROR as i32;
 const NOTICE: i32 = pg_sys::NOTICE as i32;
+const WARNING: i32 = pg_sys::WARNING as i32;
+const LOG_SERVER_ONLY: i32 = pg_sys::LOG_SERVER_ONLY as i32;
 
 unsafe extern "C-unwind" {
     /// PostgreSQL's `ThrowErrorData`, not through pgrx's binding: that one
@@ -449,19 +451,30 @@ pub fn handled() {
 /// source location. Through pgrx's binding of `ThrowErrorData`, so a cancel
 /// PostgreSQL notices while sending it unwinds as an ordinary ERROR.
 pub fn notice(message: impl Into<String>) {
-    emit(NOTICE, message.into());
+    send(NOTICE, message.into(), None);
 }
 
-/// A line in the server log only, never sent to a client (LOG_SERVER_ONLY);
-/// also usable in the postmaster.
+/// As [`notice`], a WARNING with a HINT.
+pub fn warning(message: impl Into<String>, hint: impl Into<String>) {
+    send(WARNING, message.into(), Some(hint.into()));
+}
+
+/// As [`notice`], a LOG line for the server log only (also usable in the
+/// postmaster).
 pub fn log_server(message: impl Into<String>) {
-    emit(pg_sys::LOG_SERVER_ONLY as i32, message.into());
+    send(LOG_SERVER_ONLY, message.into(), None);
 }
 
-fn emit(elevel: i32, message: String) {
+fn send(elevel: i32, message: String, hint: Option<String>) {
+    let code = match elevel {
+        WARNING => PgSqlErrorCode::ERRCODE_WARNING as i32,
+        _ => 0,
+    };
     let report = Report {
         elevel,
+        code,
         message,
+        hint,
         ..Default::default()
     };
     let edata = report.to_error_data();

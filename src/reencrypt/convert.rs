@@ -2,9 +2,7 @@
 //! needs, and [`convert`], which parses each value once and decides.
 
 use std::collections::HashSet;
-use std::rc::Rc;
 
-use manna_crypt_core::aead::Cipher;
 use manna_crypt_core::classify::{classify, Class};
 use manna_crypt_core::envelope::{self, Envelope};
 use manna_crypt_core::fernet::{Token, TOKEN_PREFIX};
@@ -12,7 +10,8 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{open_parsed_token, open_value, seal_verified};
 use crate::error::McResult;
-use crate::keys::{cache, store};
+use crate::keys::cache::{self, ActiveKey};
+use crate::keys::store;
 use crate::pg::datum::is_text;
 use crate::pg::security::{run_as, Identity};
 
@@ -57,14 +56,18 @@ impl Mode {
 /// What one batch needs from the key cache, fetched once per batch.
 pub struct Keys {
     pub target_id: u32,
-    pub target: Rc<Cipher>,
+    pub target: ActiveKey,
+    pub target_ring: String,
     /// Rewrap: every key id of the keyring.
     pub ring_ids: HashSet<u32>,
 }
 
 impl Keys {
     pub fn fetch(mode: &Mode) -> McResult<Keys> {
-        let (target_id, target) = cache::active_key(mode.target())?;
+        let target = cache::active_key(mode.target())?;
+        // A key that cannot be counted stops the batch here rather than
+        // failing every row (not preloaded, or the counters' table full).
+        target.tally.attach()?;
         let ring_ids = match mode {
             Mode::Rewrap { keyring } => {
                 run_as(Identity::ExtensionOwner, || store::ring_key_ids(keyring))?
@@ -74,8 +77,9 @@ impl Keys {
             _ => HashSet::new(),
         };
         Ok(Keys {
-            target_id,
+            target_id: target.key_id,
             target,
+            target_ring: mode.target().to_owned(),
             ring_ids,
         })
     }
@@ -106,7 +110,7 @@ fn seal(keys: &Keys, class: Class, plaintext: McResult<Zeroizing<Vec<u8>>>, aad:
             "plaintext is not UTF-8 text or contains a NUL byte; \
              decrypt_gcm could not return it as text",
         ),
-        Ok(pt) => match seal_verified(&keys.target, keys.target_id, &pt, aad) {
+        Ok(pt) => match seal_verified(&keys.target, &keys.target_ring, &pt, aad) {
             Ok(text) => Outcome::Convert(text),
             Err(e) => Outcome::Fail(class, e.message()),
         },

@@ -389,7 +389,7 @@ const FINAL_COUNTS: &str = "\
 fn finish(handle: i64) -> McResult<()> {
     let run = take_run(handle)?;
     let mut c = run.pass_counts;
-    let active = cache::active_key(run.mode.target()).map_or(0, |(id, _)| id);
+    let active = cache::active_key(run.mode.target()).map_or(0, |k| k.key_id);
     let sql = FINAL_COUNTS
         .replace("{col}", &run.col_sql)
         .replace("{tbl}", &run.tbl_sql)

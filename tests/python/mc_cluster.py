@@ -191,8 +191,8 @@ class Cluster:
                 "shared_buffers": "32MB",
                 "wal_level": "replica",
                 "max_wal_senders": 5,
-                # Root keys live in shared memory, which needs preloading
-                # (a test of the refusal without it overrides this).
+                # Root keys and the encryption counters live in shared
+                # memory, which needs preloading (a test may override it).
                 "shared_preload_libraries": "manna_crypt",
             }
             if root_key is not None:

@@ -194,7 +194,12 @@ def test_loaded_key_serves_through_outage_and_backend_crash(shared):
     with c.connect("app") as x:
         E(x, "58030", "SELECT manna_crypt.reload_root_key()")
         assert x.execute(ROUNDTRIP).fetchone()[0] == "v"
-    assert kms.runs() == runs + 1
+        # No back-off starts while a key serves: a second reload runs again,
+        # and info() still says loaded, with its time.
+        E(x, "58030", "SELECT manna_crypt.reload_root_key()")
+        info = x.execute("SELECT manna_crypt.info()->'root_key'").fetchone()[0]
+    assert info["state"] == "loaded" and info["loaded_at"]
+    assert kms.runs() == runs + 2
 
 
 def test_reload_root_key_runs_the_command_once_and_is_admin_only(shared):

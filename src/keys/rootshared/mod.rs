@@ -305,6 +305,9 @@ fn run_load(
                     generation,
                 })
             }
+            // A failed reload while a key is loaded: the key keeps serving,
+            // and no back-off starts (nothing waits for a key here).
+            Err(e) if k.valid.load(Ordering::Acquire) == 1 => Err(e),
             Err(e) => match opts.backoff_max {
                 Some(_) => {
                     record_failure(st, e, opts);
@@ -402,18 +405,18 @@ pub fn status(digest: &Digest) -> McResult<Status> {
     };
     let st = &coord.slots[i];
     let key = &keys[i];
-    Ok(if st.loader_pid != 0 {
+    Ok(if st.loader_pid != 0 && alive(st.loader_pid) {
         Status::Loading { pid: st.loader_pid }
+    } else if key.valid.load(Ordering::Acquire) == 1 {
+        Status::Loaded {
+            loaded_at: key.loaded_at,
+        }
     } else if st.failures > 0 {
         Status::Failing {
             attempts: st.failures,
             since: st.first_failure,
             next: st.next_attempt,
             error: last_error(st),
-        }
-    } else if key.valid.load(Ordering::Acquire) == 1 {
-        Status::Loaded {
-            loaded_at: key.loaded_at,
         }
     } else {
         Status::Unknown
