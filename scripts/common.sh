@@ -198,9 +198,10 @@ ensure_venv() {
     fi
     # Wheels of the package's build backend and dependencies, for the test
     # that installs it from a fresh clone into a fresh venv without network
-    # (tests/python/test_python_package.py).
+    # (tests/python/test_python_package.py): downloaded again with every new
+    # venv, whose interpreter decides which wheels fit.
     local wh="$MC_ROOT/target/wheelhouse"
-    if [ ! -f "$wh/.done" ] || [ "$req" -nt "$wh/.done" ]; then
+    if [ ! -f "$wh/.done" ] || [ "$venv/bin/pytest" -nt "$wh/.done" ]; then
         log "downloading the manna-crypt package's dependencies into target/wheelhouse"
         rm -rf "$wh"
         grep -iE '^(sqlalchemy|setuptools)[=<>]' "$req" > "$MC_ROOT/target/wheelhouse.txt"
