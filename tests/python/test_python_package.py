@@ -316,6 +316,28 @@ def test_session_merge(protected, fresh_db):
     assert stored(fresh_db)[item_id] == (True, "tok-2")
 
 
+def test_uuid_aad_and_no_aad(engine, fresh_db):
+    """A server-generated uuid as AAD (canonical text form, as the trigger
+    binds it), and a column protected without an AAD column."""
+    from sqlalchemy.dialects.postgresql import UUID
+
+    md = sa.MetaData()
+    t = sa.Table("uuid_items", md,
+                 sa.Column("id", UUID(as_uuid=True), primary_key=True, server_default=sa.text("gen_random_uuid()")),
+                 sa.Column("tok", EncryptedText(KEYRING, aad="id")),
+                 sa.Column("note", EncryptedText(KEYRING)))
+    md.create_all(engine)
+    with engine.begin() as c:
+        c.execute(text("SELECT manna_crypt.protect_column('uuid_items', 'tok', :k, 'id')"), {"k": KEYRING})
+        c.execute(text("SELECT manna_crypt.protect_column('uuid_items', 'note', :k)"), {"k": KEYRING})
+        c.execute(sa.insert(t), [{"tok": f"t{i}", "note": f"n{i}"} for i in range(5)])
+    with engine.connect() as c:
+        assert sorted(c.execute(sa.select(t.c.tok, t.c.note)).tuples().all()) == [(f"t{i}", f"n{i}") for i in range(5)]
+    with connect(fresh_db) as c:
+        assert c.execute("SELECT count(*) FROM uuid_items WHERE manna_crypt.decrypt_gcm(tok, id::text) LIKE 't_' "
+                         "AND manna_crypt.decrypt_gcm(note) LIKE 'n_'").fetchone()[0] == 5
+
+
 def test_plaintext_lookalike_and_types(protected, fresh_db):
     with Session(protected) as s:
         s.add(Item(item_id="a", access_token="mc1:not-base64!"))
