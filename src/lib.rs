@@ -9,10 +9,11 @@
 //!    identity switches, settings) with no SQL-visible function;
 //! 2. [`keys`]: the root key, the key tables, the key cache, the lifecycle;
 //! 3. [`crypto`]: the seal/open service every SQL surface shares;
-//! 4. the SQL surfaces: [`gcm`], [`fernet`], [`locking`], [`reencrypt`].
+//! 4. the SQL surfaces: [`gcm`], [`fernet`], [`any`], [`locking`], [`reencrypt`].
 
 use pgrx::prelude::*;
 
+mod any;
 mod crypto;
 mod error;
 mod fernet;
