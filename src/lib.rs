@@ -49,6 +49,7 @@ extension_sql_file!(
         reencrypt::engine::_reencrypt_start,
         reencrypt::engine::_reencrypt_step,
         reencrypt::engine::_reencrypt_finish,
+        reencrypt::report::_reencrypt_result,
         reencrypt::batch::_reencrypt_convert,
         reencrypt::batch::_reencrypt_take,
         reencrypt::classify::value_class
