@@ -6,6 +6,9 @@
 #
 # Sections: gcm - encrypt_gcm / decrypt_gcm (raw key and keyring) against
 #                 pgcrypto's encrypt()/decrypt() with AES-256-CBC
+#           columns - a column of ciphertexts made encrypted_text-only:
+#                 ALTER ... TYPE manna_crypt.encrypted_text against a CHECK
+#                 added NOT VALID and then validated (time, rewrite, locks)
 #
 # Builds and installs the release build (scripts/setup.sh), then runs in a
 # throwaway cluster under target/bench (port 55480, or MC_BENCH_PORT) that is
@@ -23,7 +26,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 cd "$MC_ROOT"
 
-SECTIONS=(gcm migrate locking)
+SECTIONS=(gcm columns migrate locking)
 BENCH_DIR=${MC_BENCH_DIR:-$MC_ROOT/target/bench}
 BENCH_PORT=${MC_BENCH_PORT:-55480}
 ROWS=${MC_BENCH_ROWS:-1000000}
@@ -202,6 +205,86 @@ bench_gcm() {
         "'decrypt_gcm raw / pgcrypto decrypt', 'decrypt_gcm raw key', 'pgcrypto decrypt aes-256-cbc', 0.5, 2" \
         "'encrypt_gcm keyring / raw key', 'encrypt_gcm keyring', 'encrypt_gcm raw key', 1.1, 3" \
         "'decrypt_gcm keyring / raw key', 'decrypt_gcm keyring', 'decrypt_gcm raw key', 1.1, 4"
+}
+
+# Making a text column of ciphertexts accept only ciphertexts (README,
+# "Plaintext column to encrypted_text"): the domain by ALTER ... TYPE
+# against a CHECK added NOT VALID, then validated. DDL runs once per table,
+# so each round times every statement on a fresh copy of ROWS ciphertexts;
+# best of RUNS. Also reported: whether the table was rewritten (its
+# relfilenode changed) and the lock each statement holds (pg_locks, read
+# inside the statement's own transaction).
+bench_columns() {
+    log "section columns: preparing $ROWS rows"
+    ensure_tokens
+    bpsql -q -c "SET client_min_messages = warning" -c "
+        SELECT manna_crypt.create_keyring('bench_columns', if_not_exists => true);
+        DROP TABLE IF EXISTS bench.col_source;
+        CREATE TABLE bench.col_source AS
+            SELECT row_number() OVER () AS id, manna_crypt.encrypt_gcm(v, 'bench_columns')::text AS c
+              FROM bench.tokens;" >/dev/null
+    bpsql -q <<'SQL'
+SET client_min_messages = warning;
+CREATE TABLE IF NOT EXISTS bench.col_results (
+    step text PRIMARY KEY, ord int, ms float8, rewrote boolean, lock_mode text);
+TRUNCATE bench.col_results;
+-- col_step(step, ord, table, ddl): one timed DDL statement on a table,
+-- with whether it rewrote the table and the strongest lock it held.
+CREATE OR REPLACE PROCEDURE bench.col_step(step text, ord int, tbl regclass, ddl text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    t0 timestamptz;
+    ms float8;
+    before oid;
+    lock_mode text;
+BEGIN
+    before := pg_relation_filenode(tbl);
+    t0 := clock_timestamp();
+    EXECUTE ddl;
+    ms := extract(epoch FROM clock_timestamp() - t0) * 1000;
+    SELECT string_agg(DISTINCT mode, ', ') INTO lock_mode
+      FROM pg_locks WHERE relation = tbl AND pid = pg_backend_pid() AND granted;
+    INSERT INTO bench.col_results VALUES (step, ord, ms, pg_relation_filenode(tbl) <> before, lock_mode)
+        ON CONFLICT (step) DO UPDATE SET ms = least(bench.col_results.ms, excluded.ms),
+                                         rewrote = excluded.rewrote, lock_mode = excluded.lock_mode;
+    COMMIT;
+END $$;
+SQL
+    local i
+    for ((i = 1; i <= RUNS; i++)); do
+        bpsql -q <<'SQL'
+SET client_min_messages = warning;
+DROP TABLE IF EXISTS bench.col_alter, bench.col_check;
+CREATE TABLE bench.col_alter AS SELECT * FROM bench.col_source;
+CREATE TABLE bench.col_check AS SELECT * FROM bench.col_source;
+VACUUM ANALYZE bench.col_alter, bench.col_check;
+CALL bench.col_step('ALTER COLUMN c TYPE manna_crypt.encrypted_text', 1, 'bench.col_alter',
+    'ALTER TABLE bench.col_alter ALTER COLUMN c TYPE manna_crypt.encrypted_text');
+CALL bench.col_step('ADD CONSTRAINT ... CHECK (manna_crypt.is_encrypted(c)) NOT VALID', 2, 'bench.col_check',
+    'ALTER TABLE bench.col_check ADD CONSTRAINT c_is_encrypted CHECK (manna_crypt.is_encrypted(c)) NOT VALID');
+CALL bench.col_step('VALIDATE CONSTRAINT c_is_encrypted', 3, 'bench.col_check',
+    'ALTER TABLE bench.col_check VALIDATE CONSTRAINT c_is_encrypted');
+CALL bench.col_step('floor: SELECT count(*) WHERE NOT is_encrypted(c)', 4, 'bench.col_source',
+    'SELECT count(*) FROM bench.col_source WHERE NOT manna_crypt.is_encrypted(c)');
+SQL
+        log "columns: round $i of $RUNS done"
+    done
+    # Both tables end with the same guarantee: plaintext is refused (23514).
+    local refused
+    refused=$(bpsql -qAt -c "SET client_min_messages = warning" -c "DO \$\$
+        DECLARE n int := 0;
+        BEGIN
+            BEGIN INSERT INTO bench.col_alter VALUES (0, 'plain'); EXCEPTION WHEN check_violation THEN n := n + 1; END;
+            BEGIN INSERT INTO bench.col_check VALUES (0, 'plain'); EXCEPTION WHEN check_violation THEN n := n + 1; END;
+            IF n <> 2 THEN RAISE EXCEPTION 'plaintext was accepted'; END IF;
+        END \$\$" -c "SELECT 'ok'")
+    [ "$refused" = ok ] || die "a column accepted plaintext"
+    echo
+    echo "== columns: $ROWS rows of mc1 ciphertexts, best of $RUNS rounds (load average: $(cut -d' ' -f1-3 /proc/loadavg)) =="
+    bpsql -P footer=off -c "
+        SELECT step, round(ms)::bigint AS \"ms (best)\", rewrote AS \"table rewritten\",
+               lock_mode AS \"lock held\"
+          FROM bench.col_results ORDER BY ord"
 }
 
 # In-place Fernet migration against the client-side way and the UPDATE floor
