@@ -230,22 +230,22 @@ CREATE TABLE IF NOT EXISTS bench.col_results (
 TRUNCATE bench.col_results;
 -- col_step(step, ord, table, ddl): one timed DDL statement on a table,
 -- with whether it rewrote the table and the strongest lock it held.
-CREATE OR REPLACE PROCEDURE bench.col_step(step text, ord int, tbl regclass, ddl text)
+CREATE OR REPLACE PROCEDURE bench.col_step(p_step text, p_ord int, tbl regclass, ddl text)
 LANGUAGE plpgsql AS $$
 DECLARE
     t0 timestamptz;
-    ms float8;
+    t_ms float8;
     before oid;
-    lock_mode text;
+    held text;
 BEGIN
     before := pg_relation_filenode(tbl);
     t0 := clock_timestamp();
     EXECUTE ddl;
-    ms := extract(epoch FROM clock_timestamp() - t0) * 1000;
-    SELECT string_agg(DISTINCT mode, ', ') INTO lock_mode
+    t_ms := extract(epoch FROM clock_timestamp() - t0) * 1000;
+    SELECT string_agg(DISTINCT mode, ', ') INTO held
       FROM pg_locks WHERE relation = tbl AND pid = pg_backend_pid() AND granted;
-    INSERT INTO bench.col_results VALUES (step, ord, ms, pg_relation_filenode(tbl) <> before, lock_mode)
-        ON CONFLICT (step) DO UPDATE SET ms = least(bench.col_results.ms, excluded.ms),
+    INSERT INTO bench.col_results AS r VALUES (p_step, p_ord, t_ms, pg_relation_filenode(tbl) <> before, held)
+        ON CONFLICT (step) DO UPDATE SET ms = least(r.ms, excluded.ms),
                                          rewrote = excluded.rewrote, lock_mode = excluded.lock_mode;
     COMMIT;
 END $$;
