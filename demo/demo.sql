@@ -80,7 +80,7 @@ SELECT import_fernet_key('legacy_fernet', :'fernet_key') AS fernet_key_id;
 SELECT left(decrypt_fernet(access_token, 'legacy_fernet'), 15) || '...' AS decrypt_fernet FROM demo.plaid_items WHERE id = 1;
 \echo 'Before:'
 SELECT category, key_id, keyring, n FROM column_status('demo.plaid_items', 'access_token');
-\echo 'Dry run, then the real run (a NOTICE per batch; commits per batch; the row id is bound as AAD):'
+\echo 'Dry run, then the real run (progress NOTICEs every few seconds; commits per batch; the row id is bound as AAD; the CALL returns the run id):'
 CALL migrate_fernet('demo.plaid_items', 'access_token', 'legacy_fernet', 'plaid_tokens',
                     batch_size => 5000, aad_column => 'id', dry_run => true);
 CALL migrate_fernet('demo.plaid_items', 'access_token', 'legacy_fernet', 'plaid_tokens',

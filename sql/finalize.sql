@@ -29,7 +29,7 @@ GRANT EXECUTE ON FUNCTION
   TO manna_crypt_user;
 
 GRANT EXECUTE ON FUNCTION
-    manna_crypt.create_keyring(text, interval),
+    manna_crypt.create_keyring(text, interval, boolean),
     manna_crypt.rotate_keyring(text),
     manna_crypt.rotate_due(),
     manna_crypt.set_rotation_period(text, interval),
@@ -61,12 +61,17 @@ GRANT EXECUTE ON FUNCTION
     manna_crypt.lock_holder(text)
   TO manna_crypt_user;
 
-GRANT EXECUTE ON FUNCTION manna_crypt.decrypt_fernet(text, text), manna_crypt.value_class(text) TO manna_crypt_user;
+GRANT EXECUTE ON FUNCTION
+    manna_crypt.decrypt_fernet(text, text),
+    manna_crypt.decrypt_any(text, text, text),
+    manna_crypt.value_class(text)
+  TO manna_crypt_user;
 GRANT EXECUTE ON FUNCTION
     manna_crypt.column_status(regclass, name),
     manna_crypt._reencrypt_start(text, regclass, text, text, text, integer, text, boolean),
     manna_crypt._reencrypt_step(bigint),
-    manna_crypt._reencrypt_finish(bigint)
+    manna_crypt._reencrypt_finish(bigint),
+    manna_crypt._reencrypt_result(bigint, boolean)
   TO manna_crypt_admin;
 -- A batch's UPDATE runs as the table's owner (a security-restricted
 -- operation), who may be any role: it calls these two per row. Outside the
@@ -78,10 +83,10 @@ GRANT EXECUTE ON FUNCTION
     manna_crypt._reencrypt_value(tid, bigint)
   TO PUBLIC;
 GRANT EXECUTE ON PROCEDURE
-    manna_crypt._reencrypt_run(text, regclass, name, text, text, integer, name, boolean),
-    manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean),
-    manna_crypt.rewrap_column(regclass, name, text, integer, name, boolean),
-    manna_crypt.encrypt_column(regclass, name, text, integer, name, boolean)
+    manna_crypt._reencrypt_run(text, regclass, name, text, text, integer, name, boolean, bigint, boolean),
+    manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean, bigint, boolean),
+    manna_crypt.rewrap_column(regclass, name, text, integer, name, boolean, bigint, boolean),
+    manna_crypt.encrypt_column(regclass, name, text, integer, name, boolean, bigint, boolean)
   TO manna_crypt_admin;
 GRANT SELECT ON manna_crypt.reencrypt_runs, manna_crypt.reencrypt_failures, manna_crypt.reencrypt_progress TO manna_crypt_admin;
 
@@ -104,7 +109,7 @@ COMMENT ON FUNCTION manna_crypt.aes_gcm_decrypt(bytea, bytea, bytea, bytea) IS '
 COMMENT ON FUNCTION manna_crypt.is_encrypted(text) IS 'true when the text is a well-formed version-1 ciphertext (says nothing about keys)';
 COMMENT ON FUNCTION manna_crypt.key_id(text) IS 'the key id in a text ciphertext header (0 = raw key)';
 COMMENT ON FUNCTION manna_crypt.key_id(bytea) IS 'the key id in a binary envelope header (0 = raw key)';
-COMMENT ON FUNCTION manna_crypt.create_keyring(text, interval) IS 'create an AES-256-GCM keyring with an active version-1 key; returns its key id';
+COMMENT ON FUNCTION manna_crypt.create_keyring(text, interval, boolean) IS 'create an AES-256-GCM keyring with an active version-1 key; returns its key id';
 COMMENT ON FUNCTION manna_crypt.rotate_keyring(text) IS 'make a new active key version; older versions stay decrypt_only; returns the new key id';
 COMMENT ON FUNCTION manna_crypt.rotate_due() IS 'rotate every keyring whose rotation period has elapsed or whose active key is past the warning fraction of its nonce budget (for pg_cron)';
 COMMENT ON FUNCTION manna_crypt.set_rotation_period(text, interval) IS 'set or clear (NULL) a keyring''s rotation period';
@@ -132,10 +137,12 @@ COMMENT ON FUNCTION manna_crypt.try_lock_session(text) IS 'take a named session 
 COMMENT ON FUNCTION manna_crypt.unlock(text) IS 'release one hold of a named session lock';
 COMMENT ON FUNCTION manna_crypt.lock_holder(text) IS 'pid of a session holding the named lock, or NULL';
 COMMENT ON FUNCTION manna_crypt.decrypt_fernet(text, text) IS 'decrypt a legacy Fernet token with the keys of a Fernet keyring (newest first); HMAC checked in constant time before decryption';
+COMMENT ON FUNCTION manna_crypt.decrypt_any(text, text, text) IS 'decrypt an mc1: ciphertext (as decrypt_gcm) or, with fernet_keyring, a Fernet token (as decrypt_fernet): for a column in the middle of a migration';
 COMMENT ON FUNCTION manna_crypt.value_class(text) IS 'what a stored value is: mc1, fernet, malformed or plaintext (no key needed)';
 COMMENT ON FUNCTION manna_crypt._reencrypt_start(text, regclass, text, text, text, integer, text, boolean) IS 'internal: start or resume a re-encryption run';
 COMMENT ON FUNCTION manna_crypt._reencrypt_step(bigint) IS 'internal: re-encrypt one batch; true while more remains';
 COMMENT ON FUNCTION manna_crypt._reencrypt_finish(bigint) IS 'internal: finish a re-encryption run';
+COMMENT ON FUNCTION manna_crypt._reencrypt_result(bigint, boolean) IS 'internal: after a run''s last commit, its id, or the error of raise_on_failure';
 COMMENT ON FUNCTION manna_crypt._reencrypt_row(tid, text, text, bigint) IS 'internal: convert one row inside a re-encryption batch, or record why not';
 COMMENT ON FUNCTION manna_crypt._reencrypt_value(tid, bigint) IS 'internal: the value _reencrypt_row produced for the row being updated';
 

@@ -105,25 +105,8 @@ BEGIN
 END
 $$;
 
--- sql/reencrypt.sql
-CREATE OR REPLACE PROCEDURE manna_crypt._reencrypt_run(
-    mode text, tbl regclass, col name, source_keyring text, target_keyring text,
-    batch_size integer, aad_column name, dry_run boolean)
-LANGUAGE plpgsql AS
-$$
-DECLARE
-    h pg_catalog.int8;
-BEGIN
-    h := manna_crypt._reencrypt_start(mode, tbl, col, source_keyring, target_keyring, batch_size, aad_column, dry_run);
-    COMMIT;
-    WHILE manna_crypt._reencrypt_step(h) LOOP
-        COMMIT;
-    END LOOP;
-    PERFORM manna_crypt._reencrypt_finish(h);
-    COMMIT;
-END
-$$;
-
+-- sql/reencrypt.sql (the procedures are dropped and created anew at the end
+-- of this file: their parameter lists changed)
 CREATE OR REPLACE FUNCTION manna_crypt.column_status(tbl regclass, col name)
 RETURNS TABLE (category text, key_id bigint, keyring text, key_status text, n bigint)
 SET search_path = pg_catalog, pg_temp
@@ -351,3 +334,120 @@ SELECT k.key_id, r.name AS keyring, r.kind, k.version, k.status,
 COMMENT ON VIEW manna_crypt.keys IS 'every data key with its keyring, version, status, encryptions so far and last use; no key material';
 COMMENT ON FUNCTION manna_crypt.rotate_due() IS 'rotate every keyring whose rotation period has elapsed or whose active key is past the warning fraction of its nonce budget (for pg_cron)';
 COMMENT ON FUNCTION manna_crypt.info() IS 'version, root key source and fingerprint, keyrings, key counts, nonce budget use, CPU AES support';
+
+-- ---- 0.2.0: the migration window and re-encryption reporting (issue 11) ----
+-- decrypt_any(): reads mc1 ciphertexts and Fernet tokens alike.
+CREATE FUNCTION manna_crypt.decrypt_any(value text, aad text DEFAULT NULL, fernet_keyring text DEFAULT NULL)
+RETURNS text STABLE PARALLEL SAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'decrypt_any_wrapper';
+REVOKE EXECUTE ON FUNCTION manna_crypt.decrypt_any(text, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION manna_crypt.decrypt_any(text, text, text) TO manna_crypt_user;
+COMMENT ON FUNCTION manna_crypt.decrypt_any(text, text, text) IS 'decrypt an mc1: ciphertext (as decrypt_gcm) or, with fernet_keyring, a Fernet token (as decrypt_fernet): for a column in the middle of a migration';
+
+-- create_keyring(name, rotation_period, if_not_exists): one function with a
+-- new last parameter, not an overload (create_keyring('x') would become
+-- ambiguous). A parameter cannot be added by CREATE OR REPLACE, so the old
+-- signature is dropped; no object of the extension depends on it, and a
+-- user's object that did (a BEGIN ATOMIC body) makes this DROP fail rather
+-- than be dropped. The library keeps the old symbol
+-- (create_keyring_wrapper) for 0.1.0 catalogs not updated yet.
+DROP FUNCTION manna_crypt.create_keyring(text, interval);
+CREATE FUNCTION manna_crypt.create_keyring(name text, rotation_period interval DEFAULT NULL, if_not_exists boolean DEFAULT false)
+RETURNS integer VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'create_keyring_if_not_exists_wrapper';
+REVOKE EXECUTE ON FUNCTION manna_crypt.create_keyring(text, interval, boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION manna_crypt.create_keyring(text, interval, boolean) TO manna_crypt_admin;
+COMMENT ON FUNCTION manna_crypt.create_keyring(text, interval, boolean) IS 'create an AES-256-GCM keyring with an active version-1 key; returns its key id';
+
+-- The procedures: INOUT run_id and raise_on_failure after 0.1.0's
+-- parameters (every 0.1.0 CALL works unchanged). A procedure's parameter
+-- list cannot be changed in place: dropped and created anew, with 0.1.0's
+-- grants and comments. The bodies are copies of sql/reencrypt.sql.
+DROP PROCEDURE manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean);
+DROP PROCEDURE manna_crypt.rewrap_column(regclass, name, text, integer, name, boolean);
+DROP PROCEDURE manna_crypt.encrypt_column(regclass, name, text, integer, name, boolean);
+DROP PROCEDURE manna_crypt._reencrypt_run(text, regclass, name, text, text, integer, name, boolean);
+
+CREATE FUNCTION manna_crypt._reencrypt_result(handle bigint, raise_on_failure boolean)
+RETURNS bigint VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', '_reencrypt_result_wrapper';
+
+CREATE PROCEDURE manna_crypt._reencrypt_run(
+    mode text, tbl regclass, col name, source_keyring text, target_keyring text,
+    batch_size integer, aad_column name, dry_run boolean,
+    INOUT run_id bigint, raise_on_failure boolean)
+LANGUAGE plpgsql AS
+$$
+DECLARE
+    h pg_catalog.int8;
+BEGIN
+    h := manna_crypt._reencrypt_start(mode, tbl, col, source_keyring, target_keyring, batch_size, aad_column, dry_run);
+    COMMIT;
+    WHILE manna_crypt._reencrypt_step(h) LOOP
+        COMMIT;
+    END LOOP;
+    PERFORM manna_crypt._reencrypt_finish(h);
+    COMMIT;
+    -- After the last COMMIT: the run id, or (raise_on_failure) an error
+    -- that leaves every converted row committed.
+    run_id := manna_crypt._reencrypt_result(h, raise_on_failure);
+END
+$$;
+
+-- run_id (INOUT, last but one) hands the run's id back as the CALL's
+-- result row, and raise_on_failure makes a run that left rows unconverted
+-- an error (22000) after its last COMMIT: both come after 0.1.0's
+-- parameters, so 0.1.0's positional and named CALLs work unchanged. The
+-- value passed in as run_id is ignored.
+CREATE PROCEDURE manna_crypt.migrate_fernet(
+    tbl regclass, col name, fernet_keyring text, target_keyring text,
+    batch_size integer DEFAULT 1000, aad_column name DEFAULT NULL, dry_run boolean DEFAULT false,
+    INOUT run_id bigint DEFAULT NULL, raise_on_failure boolean DEFAULT false)
+LANGUAGE plpgsql AS
+$$
+BEGIN
+    CALL manna_crypt._reencrypt_run('migrate_fernet', tbl, col, fernet_keyring, target_keyring, batch_size, aad_column, dry_run, run_id, raise_on_failure);
+END
+$$;
+
+CREATE PROCEDURE manna_crypt.rewrap_column(
+    tbl regclass, col name, keyring text,
+    batch_size integer DEFAULT 1000, aad_column name DEFAULT NULL, dry_run boolean DEFAULT false,
+    INOUT run_id bigint DEFAULT NULL, raise_on_failure boolean DEFAULT false)
+LANGUAGE plpgsql AS
+$$
+BEGIN
+    CALL manna_crypt._reencrypt_run('rewrap_column', tbl, col, NULL, keyring, batch_size, aad_column, dry_run, run_id, raise_on_failure);
+END
+$$;
+
+CREATE PROCEDURE manna_crypt.encrypt_column(
+    tbl regclass, col name, keyring text,
+    batch_size integer DEFAULT 1000, aad_column name DEFAULT NULL, dry_run boolean DEFAULT false,
+    INOUT run_id bigint DEFAULT NULL, raise_on_failure boolean DEFAULT false)
+LANGUAGE plpgsql AS
+$$
+BEGIN
+    CALL manna_crypt._reencrypt_run('encrypt_column', tbl, col, NULL, keyring, batch_size, aad_column, dry_run, run_id, raise_on_failure);
+END
+$$;
+
+REVOKE EXECUTE ON FUNCTION manna_crypt._reencrypt_result(bigint, boolean) FROM PUBLIC;
+REVOKE EXECUTE ON PROCEDURE
+    manna_crypt._reencrypt_run(text, regclass, name, text, text, integer, name, boolean, bigint, boolean),
+    manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean, bigint, boolean),
+    manna_crypt.rewrap_column(regclass, name, text, integer, name, boolean, bigint, boolean),
+    manna_crypt.encrypt_column(regclass, name, text, integer, name, boolean, bigint, boolean)
+  FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION manna_crypt._reencrypt_result(bigint, boolean) TO manna_crypt_admin;
+GRANT EXECUTE ON PROCEDURE
+    manna_crypt._reencrypt_run(text, regclass, name, text, text, integer, name, boolean, bigint, boolean),
+    manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean, bigint, boolean),
+    manna_crypt.rewrap_column(regclass, name, text, integer, name, boolean, bigint, boolean),
+    manna_crypt.encrypt_column(regclass, name, text, integer, name, boolean, bigint, boolean)
+  TO manna_crypt_admin;
+COMMENT ON PROCEDURE manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean, bigint, boolean) IS 're-encrypt Fernet tokens in place as AES-256-GCM, committing per batch';
+COMMENT ON PROCEDURE manna_crypt.rewrap_column(regclass, name, text, integer, name, boolean, bigint, boolean) IS 're-encrypt values under older key versions of a keyring with its active key, committing per batch';
+COMMENT ON PROCEDURE manna_crypt.encrypt_column(regclass, name, text, integer, name, boolean, bigint, boolean) IS 'encrypt plaintext values of a column in place, committing per batch';
+COMMENT ON PROCEDURE manna_crypt._reencrypt_run(text, regclass, name, text, text, integer, name, boolean, bigint, boolean) IS 'internal: the batch loop shared by migrate_fernet, rewrap_column and encrypt_column';
+COMMENT ON FUNCTION manna_crypt._reencrypt_result(bigint, boolean) IS 'internal: after a run''s last commit, its id, or the error of raise_on_failure';

@@ -62,7 +62,8 @@ SELECT run_id, tbl, col, mode, status, pass, pid,
 -- tests/python/test_catalog.py checks this.
 CREATE PROCEDURE manna_crypt._reencrypt_run(
     mode text, tbl regclass, col name, source_keyring text, target_keyring text,
-    batch_size integer, aad_column name, dry_run boolean)
+    batch_size integer, aad_column name, dry_run boolean,
+    INOUT run_id bigint, raise_on_failure boolean)
 LANGUAGE plpgsql AS
 $$
 DECLARE
@@ -75,36 +76,47 @@ BEGIN
     END LOOP;
     PERFORM manna_crypt._reencrypt_finish(h);
     COMMIT;
+    -- After the last COMMIT: the run id, or (raise_on_failure) an error
+    -- that leaves every converted row committed.
+    run_id := manna_crypt._reencrypt_result(h, raise_on_failure);
 END
 $$;
 
+-- run_id (INOUT, last but one) hands the run's id back as the CALL's
+-- result row, and raise_on_failure makes a run that left rows unconverted
+-- an error (22000) after its last COMMIT: both come after 0.1.0's
+-- parameters, so 0.1.0's positional and named CALLs work unchanged. The
+-- value passed in as run_id is ignored.
 CREATE PROCEDURE manna_crypt.migrate_fernet(
     tbl regclass, col name, fernet_keyring text, target_keyring text,
-    batch_size integer DEFAULT 1000, aad_column name DEFAULT NULL, dry_run boolean DEFAULT false)
+    batch_size integer DEFAULT 1000, aad_column name DEFAULT NULL, dry_run boolean DEFAULT false,
+    INOUT run_id bigint DEFAULT NULL, raise_on_failure boolean DEFAULT false)
 LANGUAGE plpgsql AS
 $$
 BEGIN
-    CALL manna_crypt._reencrypt_run('migrate_fernet', tbl, col, fernet_keyring, target_keyring, batch_size, aad_column, dry_run);
+    CALL manna_crypt._reencrypt_run('migrate_fernet', tbl, col, fernet_keyring, target_keyring, batch_size, aad_column, dry_run, run_id, raise_on_failure);
 END
 $$;
 
 CREATE PROCEDURE manna_crypt.rewrap_column(
     tbl regclass, col name, keyring text,
-    batch_size integer DEFAULT 1000, aad_column name DEFAULT NULL, dry_run boolean DEFAULT false)
+    batch_size integer DEFAULT 1000, aad_column name DEFAULT NULL, dry_run boolean DEFAULT false,
+    INOUT run_id bigint DEFAULT NULL, raise_on_failure boolean DEFAULT false)
 LANGUAGE plpgsql AS
 $$
 BEGIN
-    CALL manna_crypt._reencrypt_run('rewrap_column', tbl, col, NULL, keyring, batch_size, aad_column, dry_run);
+    CALL manna_crypt._reencrypt_run('rewrap_column', tbl, col, NULL, keyring, batch_size, aad_column, dry_run, run_id, raise_on_failure);
 END
 $$;
 
 CREATE PROCEDURE manna_crypt.encrypt_column(
     tbl regclass, col name, keyring text,
-    batch_size integer DEFAULT 1000, aad_column name DEFAULT NULL, dry_run boolean DEFAULT false)
+    batch_size integer DEFAULT 1000, aad_column name DEFAULT NULL, dry_run boolean DEFAULT false,
+    INOUT run_id bigint DEFAULT NULL, raise_on_failure boolean DEFAULT false)
 LANGUAGE plpgsql AS
 $$
 BEGIN
-    CALL manna_crypt._reencrypt_run('encrypt_column', tbl, col, NULL, keyring, batch_size, aad_column, dry_run);
+    CALL manna_crypt._reencrypt_run('encrypt_column', tbl, col, NULL, keyring, batch_size, aad_column, dry_run, run_id, raise_on_failure);
 END
 $$;
 
@@ -186,12 +198,12 @@ CREATE EVENT TRIGGER manna_crypt_forget_dropped ON sql_drop
     EXECUTE FUNCTION manna_crypt._forget_dropped();
 
 COMMENT ON FUNCTION manna_crypt.column_status(regclass, name) IS 'counts of NULL, plaintext, Fernet, malformed and mc1 values per key id of a column';
-COMMENT ON PROCEDURE manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean) IS 're-encrypt Fernet tokens in place as AES-256-GCM, committing per batch';
-COMMENT ON PROCEDURE manna_crypt.rewrap_column(regclass, name, text, integer, name, boolean) IS 're-encrypt values under older key versions of a keyring with its active key, committing per batch';
-COMMENT ON PROCEDURE manna_crypt.encrypt_column(regclass, name, text, integer, name, boolean) IS 'encrypt plaintext values of a column in place, committing per batch';
+COMMENT ON PROCEDURE manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean, bigint, boolean) IS 're-encrypt Fernet tokens in place as AES-256-GCM, committing per batch';
+COMMENT ON PROCEDURE manna_crypt.rewrap_column(regclass, name, text, integer, name, boolean, bigint, boolean) IS 're-encrypt values under older key versions of a keyring with its active key, committing per batch';
+COMMENT ON PROCEDURE manna_crypt.encrypt_column(regclass, name, text, integer, name, boolean, bigint, boolean) IS 'encrypt plaintext values of a column in place, committing per batch';
 COMMENT ON TABLE manna_crypt.reencrypt_runs IS 're-encryption runs and their progress, updated in each batch''s transaction';
 COMMENT ON TABLE manna_crypt.reencrypt_failures IS 'rows a run left untouched, with the reason (never the value)';
 COMMENT ON VIEW manna_crypt.reencrypt_progress IS 're-encryption progress, readable while a run is going on';
 COMMENT ON FUNCTION manna_crypt._forget_dropped() IS 'internal: sql_drop event trigger forgetting registrations (and closing unfinished runs) of dropped tables and columns';
 COMMENT ON EVENT TRIGGER manna_crypt_forget_dropped IS 'forgets registered columns of dropped tables and columns';
-COMMENT ON PROCEDURE manna_crypt._reencrypt_run(text, regclass, name, text, text, integer, name, boolean) IS 'internal: the batch loop shared by migrate_fernet, rewrap_column and encrypt_column';
+COMMENT ON PROCEDURE manna_crypt._reencrypt_run(text, regclass, name, text, text, integer, name, boolean, bigint, boolean) IS 'internal: the batch loop shared by migrate_fernet, rewrap_column and encrypt_column';

@@ -22,6 +22,20 @@ use pgrx::PgSqlErrorCode as Code;
 pub enum McError {
     /// 22P02: not a well-formed ciphertext or token.
     Malformed { what: &'static str, detail: String },
+    /// 22P02: a value in none of the forms a function accepts
+    /// (`decrypt_any`); the message names the forms, never the value.
+    NotCiphertext {
+        message: String,
+        detail: String,
+        hint: Option<String>,
+    },
+    /// 22000: a re-encryption run called with `raise_on_failure` left rows
+    /// unconverted (raised after its last commit: the rest is converted).
+    RowsLeft {
+        message: String,
+        detail: String,
+        hint: String,
+    },
     /// 22023: an argument is out of range or of the wrong shape.
     BadArgument {
         message: String,
@@ -144,6 +158,8 @@ impl McError {
     pub fn code(&self) -> Code {
         match self {
             McError::Malformed { .. } => Code::ERRCODE_INVALID_TEXT_REPRESENTATION,
+            McError::NotCiphertext { .. } => Code::ERRCODE_INVALID_TEXT_REPRESENTATION,
+            McError::RowsLeft { .. } => Code::ERRCODE_DATA_EXCEPTION,
             McError::BadArgument { .. } => Code::ERRCODE_INVALID_PARAMETER_VALUE,
             McError::Unauthenticated { .. } => Code::ERRCODE_EXTERNAL_ROUTINE_INVOCATION_EXCEPTION,
             McError::UnknownObject { .. } => Code::ERRCODE_UNDEFINED_OBJECT,
@@ -175,6 +191,16 @@ impl McError {
             McError::Malformed { what, detail } => {
                 (format!("malformed {what}"), Some(detail), None)
             }
+            McError::NotCiphertext {
+                message,
+                detail,
+                hint,
+            } => (message, Some(detail), hint),
+            McError::RowsLeft {
+                message,
+                detail,
+                hint,
+            } => (message, Some(detail), Some(hint)),
             McError::BadArgument {
                 message,
                 detail,

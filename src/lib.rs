@@ -9,11 +9,12 @@
 //!    identity switches, settings) with no SQL-visible function;
 //! 2. [`keys`]: the root key, the key tables, the key cache, the lifecycle;
 //! 3. [`crypto`]: the seal/open service every SQL surface shares;
-//! 4. the SQL surfaces: [`gcm`], [`fernet`], [`locking`], [`reencrypt`],
+//! 4. the SQL surfaces: [`gcm`], [`fernet`], [`any`], [`locking`], [`reencrypt`],
 //!    [`protect`].
 
 use pgrx::prelude::*;
 
+mod any;
 mod crypto;
 mod error;
 mod fernet;
@@ -54,6 +55,7 @@ extension_sql_file!(
         reencrypt::engine::_reencrypt_start,
         reencrypt::engine::_reencrypt_step,
         reencrypt::engine::_reencrypt_finish,
+        reencrypt::report::_reencrypt_result,
         reencrypt::batch::_reencrypt_convert,
         reencrypt::batch::_reencrypt_take,
         reencrypt::classify::value_class

@@ -33,15 +33,41 @@ pub(super) fn key_change<T>(what: &std::ffi::CStr, f: impl FnOnce(&str) -> McRes
     run_as(Identity::ExtensionOwner, || f(&role)).or_raise()
 }
 
-/// Creates an AES-256-GCM keyring with its first, active key. Returns the key id.
-#[pg_extern(volatile, parallel_unsafe)]
+/// 0.1.0's `create_keyring(name, rotation_period)`, kept as a symbol only: a
+/// 0.1.0 catalog served by this library (before `ALTER EXTENSION manna_crypt
+/// UPDATE`) calls it, and it works as it did. SQL gets
+/// [`create_keyring_if_not_exists`] under the same name.
+#[pg_extern(sql = false)]
 fn create_keyring(name: Option<&str>, rotation_period: default!(Option<Interval>, "NULL")) -> i32 {
+    create(name, rotation_period, false)
+}
+
+/// Creates an AES-256-GCM keyring with its first, active key. Returns the
+/// key id. With `if_not_exists`, an existing AES-GCM keyring of that name is
+/// left as it is (its rotation period included) and its active key id is
+/// returned, so a migration that is run again can create its keyring; a
+/// Fernet keyring of that name is still an error (42710).
+#[pg_extern(name = "create_keyring", volatile, parallel_unsafe)]
+fn create_keyring_if_not_exists(
+    name: Option<&str>,
+    rotation_period: default!(Option<Interval>, "NULL"),
+    if_not_exists: default!(Option<bool>, "false"),
+) -> i32 {
+    create(
+        name,
+        rotation_period,
+        not_null(if_not_exists, "if_not_exists"),
+    )
+}
+
+fn create(name: Option<&str>, rotation_period: Option<Interval>, if_not_exists: bool) -> i32 {
     let name = not_null(name, "name");
     check_keyring_name(name).or_raise();
     check_period(rotation_period).or_raise();
     key_change(c"manna_crypt.create_keyring()", |role| {
-        let id = store::insert_gcm_ring(name, rotation_period, role)?
-            .ok_or_else(|| McError::Duplicate(format!("keyring \"{name}\" already exists")))?;
+        let Some(id) = store::insert_gcm_ring(name, rotation_period, role)? else {
+            return existing(name, if_not_exists);
+        };
         let version = NewVersion {
             keyring_id: id,
             keyring: name,
@@ -60,6 +86,31 @@ fn create_keyring(name: Option<&str>, rotation_period: default!(Option<Interval>
         )?;
         Ok(key_id)
     })
+}
+
+/// `create_keyring` of a name that is taken: 42710, or with `if_not_exists`
+/// the active key id of the AES-GCM keyring (nothing is changed or
+/// audited; a NOTICE says so, as PostgreSQL's own IF NOT EXISTS does).
+fn existing(name: &str, if_not_exists: bool) -> McResult<i32> {
+    let exists = || McError::Duplicate(format!("keyring \"{name}\" already exists"));
+    if !if_not_exists {
+        return Err(exists());
+    }
+    let ring = store::lock_ring(name)?;
+    if ring.fernet {
+        return Err(McError::Duplicate(format!(
+            "keyring \"{name}\" already exists as a Fernet keyring"
+        )));
+    }
+    let key_id = store::active_key_id(ring.keyring_id)?.ok_or_else(|| McError::WrongState {
+        message: format!("keyring \"{name}\" has no active key"),
+        detail: None,
+        hint: Some(format!(
+            "make one with manna_crypt.rotate_keyring('{name}')"
+        )),
+    })?;
+    notice(format!("keyring \"{name}\" already exists, skipping"));
+    Ok(key_id)
 }
 
 /// The longest rotation period: past it, `coalesce(rotated_at, created_at) +

@@ -182,6 +182,9 @@ const INSERT_FERNET_RING: &str = "\
 const LOCK_RING: &str = "\
     SELECT keyring_id, kind FROM manna_crypt.keyrings WHERE name = $1 FOR UPDATE";
 
+const ACTIVE_KEY_ID: &str = "\
+    SELECT key_id FROM manna_crypt.data_keys WHERE keyring_id = $1 AND status = 'active'";
+
 const NEXT_VERSION: &str = "\
     SELECT coalesce(max(version), 0) + 1 FROM manna_crypt.data_keys WHERE keyring_id = $1";
 
@@ -316,6 +319,11 @@ pub fn lock_ring(name: &str) -> McResult<RingLock> {
     .into_iter()
     .next()
     .ok_or_else(|| McError::unknown_keyring(name))
+}
+
+/// The keyring's active key id, if it has one.
+pub fn active_key_id(keyring_id: i32) -> McResult<Option<i32>> {
+    spi::one::<i32>(Mode::Write, ACTIVE_KEY_ID, &[keyring_id.into()])
 }
 
 pub fn next_version(keyring_id: i32) -> McResult<i32> {

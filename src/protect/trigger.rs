@@ -176,10 +176,13 @@ impl Row<'_, '_> {
         (!isnull).then_some(d)
     }
 
-    fn text(&self, tuple: pg_sys::HeapTuple, attnum: i32) -> Option<String> {
+    /// A text column's value, borrowed from the tuple (detoasted in the
+    /// trigger's memory context if need be), which outlives the call.
+    fn text(&self, tuple: pg_sys::HeapTuple, attnum: i32) -> Option<&'static str> {
         let d = self.datum(tuple, attnum)?;
-        // SAFETY: a non-NULL datum of a text column (checked by the caller).
-        unsafe { String::from_polymorphic_datum(d, false, pg_sys::TEXTOID) }
+        // SAFETY: a non-NULL datum of a text column (checked by the caller);
+        // the tuple and any detoasted copy live until the trigger returns.
+        unsafe { <&str>::from_polymorphic_datum(d, false, pg_sys::TEXTOID) }
     }
 
     /// The AAD column's value as text, in a form that does not depend on
@@ -257,12 +260,7 @@ fn protect<'t>(
     for spec in specs(td)? {
         if let Some((attnum, value)) = column(&row, &spec)? {
             cols.push(attnum);
-            values.push(
-                value
-                    .as_str()
-                    .into_datum()
-                    .unwrap_or(pg_sys::Datum::from(0)),
-            );
+            values.push(value);
         }
     }
     let out = if cols.is_empty() {
@@ -290,7 +288,7 @@ fn protect<'t>(
 }
 
 /// One protected column of the row: the value to store instead, if any.
-fn column(row: &Row<'_, '_>, spec: &Spec<'_>) -> McResult<Option<(i32, String)>> {
+fn column(row: &Row<'_, '_>, spec: &Spec<'_>) -> McResult<Option<(i32, pg_sys::Datum)>> {
     let (attnum, typoid) = row.attnum(spec.col, "protected column")?;
     if typoid != pg_sys::TEXTOID {
         return Err(McError::WrongType {
@@ -308,34 +306,33 @@ fn column(row: &Row<'_, '_>, spec: &Spec<'_>) -> McResult<Option<(i32, String)>>
         return Ok(None);
     };
     let aad = row.aad(row.new, spec)?;
-    let class = classify(&value);
+    let class = classify(value);
     let update = match row.old {
         None => None,
         Some(old) => Some(Update {
-            unchanged: row.text(old, attnum).as_deref() == Some(value.as_str()),
+            unchanged: row.text(old, attnum) == Some(value),
             // Only worth computing when the value itself is kept.
             aad_changed: spec.aad.is_some() && row.aad(old, spec)? != aad,
         }),
     };
-    let sealed_from = LAST_SEALED.with(|l| {
-        l.borrow()
-            .as_ref()
-            .filter(|s| {
-                s.relid == row.relid
-                    && s.attnum == attnum
-                    && s.statement == statement_start()
-                    && s.ciphertext == value
-            })
-            .map(|s| s.aad.clone())
+    // Only an UPDATE can meet what this statement's INSERT trigger sealed.
+    let sealed_from = update.and_then(|_| {
+        LAST_SEALED.with(|l| {
+            l.borrow()
+                .as_ref()
+                .filter(|s| {
+                    s.relid == row.relid
+                        && s.attnum == attnum
+                        && s.ciphertext == value
+                        && s.statement == statement_start()
+                })
+                .map(|s| s.aad.clone())
+        })
     });
     let action = decide(&Write {
         class,
         update,
-        just_sealed_under: if update.is_some() {
-            sealed_from.as_ref()
-        } else {
-            None
-        },
+        just_sealed_under: sealed_from.as_ref(),
         aad: &aad,
     });
     let sealed = match action {
@@ -351,7 +348,7 @@ fn column(row: &Row<'_, '_>, spec: &Spec<'_>) -> McResult<Option<(i32, String)>>
             })
         }
         Action::Verify => {
-            open(&value, &aad, spec, row)?;
+            open(value, &aad, spec, row)?;
             return Ok(None);
         }
         Action::Seal => seal(value.as_bytes(), spec.keyring, &aad)?,
@@ -360,22 +357,26 @@ fn column(row: &Row<'_, '_>, spec: &Spec<'_>) -> McResult<Option<(i32, String)>>
                 From::OldRow => row.aad(row.old.expect("an UPDATE"), spec)?,
                 From::Sealed(a) => a,
             };
-            let plaintext = open(&value, &from, spec, row)?;
+            let plaintext = open(value, &from, spec, row)?;
             seal(&plaintext, spec.keyring, &aad)?
         }
     };
+    let datum = sealed
+        .as_str()
+        .into_datum()
+        .unwrap_or(pg_sys::Datum::from(0));
     if update.is_none() {
         LAST_SEALED.with(|l| {
             *l.borrow_mut() = Some(Sealed {
                 relid: row.relid,
                 attnum,
                 statement: statement_start(),
-                ciphertext: sealed.clone(),
-                aad: aad.clone(),
+                ciphertext: sealed,
+                aad,
             })
         });
     }
-    Ok(Some((attnum, sealed)))
+    Ok(Some((attnum, datum)))
 }
 
 fn seal(plaintext: &[u8], keyring: &str, aad: &Option<String>) -> McResult<String> {

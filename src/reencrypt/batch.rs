@@ -23,6 +23,8 @@
 //! ([`run_rows`]): a row that cannot be written is recorded and skipped.
 
 use std::cell::RefCell;
+use std::collections::HashSet;
+use std::rc::Rc;
 
 use manna_crypt_core::nonce::NonceSource;
 use pgrx::pg_sys;
@@ -45,22 +47,22 @@ pub struct Failure {
     pub reason: String,
 }
 
-/// What a batch did.
+/// What a batch did. `counts.converted` is the rows the UPDATE wrote (or,
+/// in a dry run, would write).
 #[derive(Default)]
 pub struct BatchResult {
-    /// Rows the UPDATE wrote (or, in a dry run, would write).
-    pub written: i64,
     pub counts: Counts,
     pub failures: Vec<Failure>,
+    /// The ctids of new row versions written at or past the block
+    /// `execute` was told the pass has yet to reach (see `Run::own_ahead`).
+    pub landed_ahead: Vec<String>,
 }
 
 impl BatchResult {
     fn add(&mut self, other: BatchResult) {
-        self.written += other.written;
-        self.counts.scanned += other.counts.scanned;
-        self.counts.failed += other.counts.failed;
-        self.counts.other_keyring += other.counts.other_keyring;
+        self.counts.add(&other.counts);
         self.failures.extend(other.failures);
+        self.landed_ahead.extend(other.landed_ahead);
     }
 }
 
@@ -72,6 +74,8 @@ struct Batch {
     token: i64,
     counts: Counts,
     failures: Vec<Failure>,
+    /// This pass's own new row versions ahead of it (`Run::own_ahead`).
+    own: Rc<HashSet<String>>,
     /// The value `_reencrypt_row` produced for the row being updated, with
     /// that row's ctid; taken by `_reencrypt_value` in the same row's SET.
     pending: Option<(pg_sys::ItemPointerData, String)>,
@@ -125,9 +129,10 @@ fn block_range(first: i64, end: i64) -> String {
 }
 
 /// Runs one batch statement over the rows `range` selects, with fresh batch
-/// state, as the table's owner. The statement's error propagates; the
-/// batch state is cleared either way.
-fn execute(run: &Run, range: &str, keys: Keys) -> McResult<BatchResult> {
+/// state, as the table's owner. New row versions written into blocks
+/// `[ahead_from, pass_end_block)` are reported in `landed_ahead`. The
+/// statement's error propagates; the batch state is cleared either way.
+fn execute(run: &Run, range: &str, keys: Keys, ahead_from: i64) -> McResult<BatchResult> {
     let token = new_token();
     BATCH.with(|c| {
         *c.borrow_mut() = Some(Batch {
@@ -136,6 +141,7 @@ fn execute(run: &Run, range: &str, keys: Keys) -> McResult<BatchResult> {
             token,
             counts: Counts::default(),
             failures: Vec::new(),
+            own: run.own_ahead.clone(),
             pending: None,
         })
     });
@@ -147,28 +153,38 @@ fn execute(run: &Run, range: &str, keys: Keys) -> McResult<BatchResult> {
     }
     let _clear = Clear;
     let qual = qual(run, range, token);
-    let written = run_as(Identity::TableOwner(run.oid), || {
+    let (written, landed_ahead) = run_as(Identity::TableOwner(run.oid), || {
         if run.dry_run {
             let sql = format!("SELECT count(*) FROM ONLY {} WHERE {qual}", run.tbl_sql);
-            Ok(spi::one::<i64>(Access::Read, &sql, &[])?.unwrap_or(0))
+            Ok((
+                spi::one::<i64>(Access::Read, &sql, &[])?.unwrap_or(0),
+                Vec::new(),
+            ))
         } else {
             let _no_bump = SuppressBump::new(run.oid);
+            // One row per row written: the new version's ctid when it lies
+            // in the part of the pass still to come, else NULL.
             let sql = format!(
                 "UPDATE ONLY {tbl} SET {col} = manna_crypt._reencrypt_value(ctid, {token}) \
-                 WHERE {qual}",
+                 WHERE {qual} RETURNING CASE WHEN {ahead} THEN ctid::text END",
                 tbl = run.tbl_sql,
-                col = run.col_sql
+                col = run.col_sql,
+                ahead = block_range(ahead_from, run.pass_end_block)
             );
-            Ok(spi::count(&sql, &[])? as i64)
+            let new = spi::rows(Access::Write, &sql, &[], |r| r.get::<String>(1))?;
+            let written = new.len() as i64;
+            Ok((written, new.into_iter().flatten().collect()))
         }
     })?;
     let batch = BATCH
         .with(|c| c.borrow_mut().take())
         .ok_or_else(|| McError::Internal("re-encryption batch state lost".into()))?;
+    let mut counts = batch.counts;
+    counts.converted = written;
     Ok(BatchResult {
-        written,
-        counts: batch.counts,
+        counts,
         failures: batch.failures,
+        landed_ahead,
     })
 }
 
@@ -183,9 +199,9 @@ pub fn run_batch(
 ) -> McResult<Result<BatchResult, Failed>> {
     let range = block_range(first, end);
     if run.dry_run {
-        return execute(run, &range, keys).map(Ok);
+        return execute(run, &range, keys, end).map(Ok);
     }
-    match subxact::attempt(|| execute(run, &range, keys)) {
+    match subxact::attempt(|| execute(run, &range, keys, end)) {
         Ok(result) => result.map(Ok),
         Err(failed) => Ok(Err(failed)),
     }
@@ -222,16 +238,16 @@ pub fn candidates(run: &Run, first: i64, end: i64) -> McResult<Vec<Candidate>> {
 pub fn run_rows(
     run: &Run,
     rows: &[Candidate],
+    ahead_from: i64,
     keys: impl Fn() -> McResult<Keys>,
 ) -> McResult<BatchResult> {
     let mut total = BatchResult::default();
     for row in rows {
         let range = format!("ctid = '{}'::tid", row.ctid);
         let keys = keys()?;
-        match subxact::attempt(|| execute(run, &range, keys)) {
+        match subxact::attempt(|| execute(run, &range, keys, ahead_from)) {
             Ok(result) => total.add(result?),
             Err(failed) => {
-                total.counts.scanned += 1;
                 total.counts.failed += 1;
                 total.failures.push(Failure {
                     ctid: row.ctid.clone(),
@@ -325,7 +341,6 @@ fn _reencrypt_convert(
         let (Some(ctid), Some(value)) = (ctid, value) else {
             return false;
         };
-        batch.counts.scanned += 1;
         let outcome = convert(
             &batch.mode,
             &batch.keys,
@@ -337,7 +352,13 @@ fn _reencrypt_convert(
                 batch.pending = Some((ctid, new));
                 true
             }
-            Outcome::Already => false,
+            Outcome::Already => {
+                // Not this run's own new version met again further on.
+                if batch.own.is_empty() || !batch.own.contains(&tid_text(&ctid)) {
+                    batch.counts.already += 1;
+                }
+                false
+            }
             Outcome::OtherKeyring => {
                 batch.counts.other_keyring += 1;
                 false

@@ -170,18 +170,3 @@ fn rewrap(keys: &Keys, value: &str, aad: &[u8]) -> Outcome {
         Outcome::OtherKeyring
     }
 }
-
-/// SQL predicate for the final "already in target form" count. For
-/// migrate_fernet and encrypt_column a prefix test is enough (the run has
-/// just judged every value; a malformed `mc1:` value was recorded as a
-/// failure) and spares a function call per row of the table.
-pub fn target_form_sql(mode: &Mode, col: &str, active_key_id: u32) -> String {
-    if mode.any_mc1_is_done() {
-        format!("{col}::text LIKE 'mc1:%'")
-    } else {
-        format!(
-            "manna_crypt.is_encrypted({col}::text) \
-             AND manna_crypt.key_id({col}::text) = {active_key_id}"
-        )
-    }
-}

@@ -27,15 +27,17 @@
 //! time: a named advisory session lock.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 use std::time::Instant;
 
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use super::batch::{self, run_batch, BatchResult};
-use super::convert::{target_form_sql, Keys, Mode};
+use super::convert::{Keys, Mode};
 use super::progress::{self, Request};
+use super::report::{self, Finished, NOTICE_EVERY};
 use super::run::{Counts, RowMode, Run};
 use super::target;
 use crate::error::{not_null, McError, McResult, OrRaise};
@@ -245,6 +247,8 @@ fn start(
             id,
             next_block: 0,
             pass: 1,
+            total: Counts::default(),
+            resumed: false,
         }
     } else {
         run_as(Identity::ExtensionOwner, || usage::register(oid, col))?;
@@ -274,13 +278,16 @@ fn start(
         pass_started: Instant::now(),
         pass: begin.pass,
         pass_counts: Counts::default(),
-        converted_total: 0,
+        total: begin.total,
+        own_ahead: Rc::new(HashSet::new()),
+        last_notice: Instant::now(),
         total_estimate,
         started: Instant::now(),
         scanned_this_call: 0,
         lock_name,
         row_mode: None,
     };
+    report::notice_start(&run, begin.resumed);
     RUNS.with(|r| r.borrow_mut().insert(begin.id, run));
     Ok(begin.id)
 }
@@ -340,7 +347,9 @@ fn step_rows(run: &mut Run) -> McResult<bool> {
     };
     let upto = (rows.done + ROWS_PER_STEP).min(rows.rows.len());
     let mode = run.mode.clone();
-    let result = batch::run_rows(run, &rows.rows[rows.done..upto], || Keys::fetch(&mode))?;
+    let result = batch::run_rows(run, &rows.rows[rows.done..upto], rows.end_block, || {
+        Keys::fetch(&mode)
+    })?;
     rows.done = upto;
     if rows.done >= rows.rows.len() {
         run.next_block = rows.end_block;
@@ -351,18 +360,34 @@ fn step_rows(run: &mut Run) -> McResult<bool> {
     Ok(true)
 }
 
-/// Adds what a batch did to the run, records it, and says so.
+/// Adds what a batch did to the run, records it, and says so (at most
+/// every [`NOTICE_EVERY`]).
 fn account(run: &mut Run, batch: BatchResult) -> McResult<()> {
-    run.pass_counts.scanned += batch.counts.scanned;
-    run.pass_counts.failed += batch.counts.failed;
-    run.pass_counts.other_keyring += batch.counts.other_keyring;
-    run.pass_counts.converted += batch.written;
-    run.converted_total += batch.written;
-    run.scanned_this_call += batch.counts.scanned;
-    if !run.dry_run {
-        progress::save(run, &batch.failures)?;
+    let mut c = batch.counts;
+    run.scanned_this_call += c.seen();
+    if run.pass > 1 {
+        // A re-check pass meets again what pass 1 counted: only what it
+        // converts, or newly fails on, is news.
+        c.already = 0;
+        c.other_keyring = 0;
     }
-    progress::notice_batch(run);
+    run.pass_counts.add(&c);
+    if !batch.landed_ahead.is_empty() {
+        Rc::make_mut(&mut run.own_ahead).extend(batch.landed_ahead);
+    }
+    if run.dry_run {
+        run.total.add(&c);
+    } else {
+        // A row that fails again in a later pass is recorded once: count
+        // the failures the table did not have yet.
+        c.failed = progress::save_failures(run, &batch.failures)?;
+        run.total.add(&c);
+        progress::save(run)?;
+    }
+    if run.last_notice.elapsed() >= NOTICE_EVERY {
+        report::notice_batch(run);
+        run.last_notice = Instant::now();
+    }
     Ok(())
 }
 
@@ -376,40 +401,38 @@ fn next_pass(run: &mut Run) -> McResult<bool> {
         run.pass_end_block = target::block_count(run.oid)?;
         run.pass_started = Instant::now();
         run.pass_counts = Counts::default();
-        progress::notice_new_pass(run);
+        run.own_ahead = Rc::new(HashSet::new());
+        if run.last_notice.elapsed() >= NOTICE_EVERY {
+            report::notice_new_pass(run);
+            run.last_notice = Instant::now();
+        }
     }
     Ok(another)
 }
 
-const FINAL_COUNTS: &str = "\
-    SELECT count(*) FILTER (WHERE {col} IS NULL), \
-           count(*) FILTER (WHERE {col} IS NOT NULL AND ({done})) \
-      FROM {tbl}";
-
 fn finish(handle: i64) -> McResult<()> {
-    let run = take_run(handle)?;
-    let mut c = run.pass_counts;
-    let active = cache::active_key(run.mode.target()).map_or(0, |k| k.key_id);
-    let sql = FINAL_COUNTS
-        .replace("{col}", &run.col_sql)
-        .replace("{tbl}", &run.tbl_sql)
-        .replace("{done}", &target_form_sql(&run.mode, &run.col_sql, active));
-    let counts = run_as(Identity::TableOwner(run.oid), || {
-        spi::rows(Access::Read, &sql, &[], |r| Ok((r.req(1)?, r.req(2)?)))
-    })?;
-    (c.nulls, c.already) = counts.first().copied().unwrap_or((0, 0));
+    let mut run = take_run(handle)?;
+    // NULLs are never looked at by a batch: counted once, at the end.
+    let sql = format!(
+        "SELECT count(*) FROM {} WHERE {} IS NULL",
+        run.tbl_sql, run.col_sql
+    );
+    run.total.nulls = run_as(Identity::TableOwner(run.oid), || {
+        spi::one::<i64>(Access::Read, &sql, &[])
+    })?
+    .unwrap_or(0);
     if !run.dry_run {
-        // A re-check pass skips values that are already mc1-shaped, so its
-        // own failure count can be lower than the run's.
-        c.failed = progress::failure_count(run.id)?;
+        // Every row left untouched, by whichever pass or session met it.
+        run.total.failed = progress::failure_count(run.id)?;
     }
     let seconds = run.started.elapsed().as_secs_f64();
     if !run.dry_run {
-        progress::close(&run, &c, seconds)?;
+        progress::close(&run, seconds)?;
     }
     advisory::unlock_all(&run.lock_name)?;
     LOCKS.with(|l| l.borrow_mut().retain(|(name, _)| *name != run.lock_name));
-    progress::notice_finish(&run, &c, seconds);
+    report::notice_finish(&run, seconds);
+    report::remember(Finished::of(&run, handle));
     Ok(())
 }
 

@@ -7,7 +7,9 @@
 //! - [`target`]: which table and column may be re-encrypted, and their size;
 //! - [`run`]: the state of a run between the procedure's calls;
 //! - [`batch`]: one batch, a single UPDATE over a range of heap blocks;
-//! - [`progress`]: the runs and failures tables, audit events, NOTICEs;
+//! - [`progress`]: the runs and failures tables, audit events;
+//! - [`report`]: the NOTICEs, and the end-of-run result (run id, or the
+//!   error of `raise_on_failure`);
 //! - [`engine`]: start, step and finish, the functions the procedures call.
 
 pub mod batch;
@@ -15,5 +17,6 @@ pub mod classify;
 pub mod convert;
 pub mod engine;
 pub mod progress;
+pub mod report;
 pub mod run;
 pub mod target;

@@ -1,6 +1,7 @@
 //! A run as other sessions and the DBA see it: the `reencrypt_runs` row
 //! (created, resumed, updated in each batch's transaction, closed), the
-//! `reencrypt_failures` rows, the audit events, and the NOTICEs.
+//! `reencrypt_failures` rows and the audit events. The NOTICEs are
+//! [`super::report`]'s.
 //!
 //! Every statement here runs as the extension owner: the progress tables
 //! are the owner's, and callers only read them.
@@ -13,12 +14,12 @@ use super::convert::Mode;
 use super::run::{Counts, Run};
 use crate::error::McResult;
 use crate::keys::store;
-use crate::pg::report::notice;
 use crate::pg::security::{caller_name, run_as, Identity};
 use crate::pg::spi::{self, Mode as Access};
 
 const UNFINISHED: &str = "\
-    SELECT run_id, mode, source_keyring, target_keyring, aad_column::text, next_block, pass \
+    SELECT run_id, mode, source_keyring, target_keyring, aad_column::text, next_block, pass, \
+           converted, already, failed, other_keyring \
       FROM manna_crypt.reencrypt_runs \
      WHERE tbl = $1 AND col = $2 AND status = 'running' \
      ORDER BY run_id DESC LIMIT 1";
@@ -42,11 +43,13 @@ const INSERT_FAILURE: &str = "\
            (run_id, row_ctid, row_key, value_class, value_length, reason) \
     VALUES ($1, $2::tid, $3, $4, $5, $6) ON CONFLICT (run_id, row_ctid) DO NOTHING";
 
+// The counters are the run's (every pass and session): they add up,
+// scanned = converted + already + failed + other_keyring.
 const SAVE_PROGRESS: &str = "\
     UPDATE manna_crypt.reencrypt_runs \
        SET updated_at = now(), pass = $2, next_block = $3, total_blocks = $4, scanned = $5, \
-           converted = $6, failed = greatest(failed, $7), other_keyring = $8, \
-           rows_per_second = $9, eta_seconds = $10 \
+           converted = $6, already = $7, failed = $8, other_keyring = $9, \
+           rows_per_second = $10, eta_seconds = $11 \
      WHERE run_id = $1";
 
 const FAILURE_COUNT: &str = "SELECT count(*) FROM manna_crypt.reencrypt_failures WHERE run_id = $1";
@@ -54,7 +57,8 @@ const FAILURE_COUNT: &str = "SELECT count(*) FROM manna_crypt.reencrypt_failures
 const CLOSE_RUN: &str = "\
     UPDATE manna_crypt.reencrypt_runs \
        SET status = 'done', finished_at = now(), updated_at = now(), eta_seconds = 0, \
-           already = $2, nulls = $3, failed = $4 \
+           scanned = $2, converted = $3, already = $4, failed = $5, other_keyring = $6, \
+           nulls = $7 \
      WHERE run_id = $1";
 
 /// What a new run asks for, to be matched against an unfinished one.
@@ -69,22 +73,53 @@ pub struct Request<'a> {
     pub total_estimate: i64,
 }
 
-/// Where a run starts: its id, block and pass.
+/// Where a run starts: its id, block and pass, and (resumed) its counts.
 pub struct Start {
     pub id: i64,
     pub next_block: i64,
     pub pass: i32,
+    pub total: Counts,
+    pub resumed: bool,
 }
 
-type Unfinished = (
-    i64,
-    String,
-    Option<String>,
-    String,
-    Option<String>,
-    i64,
-    i32,
-);
+/// The unfinished run of a (table, column), as recorded.
+struct Unfinished {
+    run_id: i64,
+    mode: String,
+    source: Option<String>,
+    target: String,
+    aad: Option<String>,
+    next_block: i64,
+    pass: i32,
+    total: Counts,
+}
+
+fn unfinished(req: &Request<'_>) -> McResult<Option<Unfinished>> {
+    let found = spi::rows(
+        Access::Write,
+        UNFINISHED,
+        &[req.oid.into(), req.col.into()],
+        |r| {
+            Ok(Unfinished {
+                run_id: r.req(1)?,
+                mode: r.req(2)?,
+                source: r.get(3)?,
+                target: r.req(4)?,
+                aad: r.get(5)?,
+                next_block: r.req(6)?,
+                pass: r.req(7)?,
+                total: Counts {
+                    converted: r.req(8)?,
+                    already: r.req(9)?,
+                    failed: r.req(10)?,
+                    other_keyring: r.req(11)?,
+                    nulls: 0,
+                },
+            })
+        },
+    )?;
+    Ok(found.into_iter().next())
+}
 
 /// Resumes the unfinished run of this (table, column) if it asked for the
 /// same thing (its backend died: we now hold the run lock), else abandons
@@ -92,45 +127,23 @@ type Unfinished = (
 pub fn open(req: &Request<'_>) -> McResult<Start> {
     let role = caller_name();
     run_as(Identity::ExtensionOwner, || {
-        let unfinished: Option<Unfinished> = spi::rows(
-            Access::Write,
-            UNFINISHED,
-            &[req.oid.into(), req.col.into()],
-            |r| {
-                Ok((
-                    r.req(1)?,
-                    r.req(2)?,
-                    r.get(3)?,
-                    r.req(4)?,
-                    r.get(5)?,
-                    r.req(6)?,
-                    r.req(7)?,
-                ))
-            },
-        )?
-        .into_iter()
-        .next();
         let mut start = None;
-        if let Some((run_id, mode, src, tgt, aad, next_block, pass)) = unfinished {
-            let same = mode == req.mode.name()
-                && src.as_deref() == req.mode.source()
-                && tgt == req.mode.target()
-                && aad.as_deref() == req.aad_column;
+        if let Some(u) = unfinished(req)? {
+            let same = u.mode == req.mode.name()
+                && u.source.as_deref() == req.mode.source()
+                && u.target == req.mode.target()
+                && u.aad.as_deref() == req.aad_column;
             if same {
-                notice(format!(
-                    "{}: resuming run {run_id} of {}.{} at block {next_block} (pass {pass})",
-                    req.mode.name(),
-                    req.tbl_sql,
-                    req.col
-                ));
-                spi::run(CLAIM, &[run_id.into()])?;
+                spi::run(CLAIM, &[u.run_id.into()])?;
                 start = Some(Start {
-                    id: run_id,
-                    next_block,
-                    pass,
+                    id: u.run_id,
+                    next_block: u.next_block,
+                    pass: u.pass,
+                    total: u.total,
+                    resumed: true,
                 });
             } else {
-                spi::run(ABANDON, &[run_id.into()])?;
+                spi::run(ABANDON, &[u.run_id.into()])?;
             }
         }
         let start = match start {
@@ -139,6 +152,8 @@ pub fn open(req: &Request<'_>) -> McResult<Start> {
                 id: insert_run(req)?,
                 next_block: 0,
                 pass: 1,
+                total: Counts::default(),
+                resumed: false,
             },
         };
         store::audit(
@@ -171,24 +186,31 @@ fn insert_run(req: &Request<'_>) -> McResult<i64> {
     Ok(spi::one::<i64>(Access::Write, INSERT_RUN, &args)?.unwrap_or(0))
 }
 
-/// Records a batch's failures and the run's progress, in the batch's
-/// transaction.
-pub fn save(run: &Run, failures: &[Failure]) -> McResult<()> {
-    let c = run.pass_counts;
+/// Records a batch's failures, in the batch's transaction. Returns how
+/// many were new to the run (a row that fails again in a later pass is
+/// recorded once).
+pub fn save_failures(run: &Run, failures: &[Failure]) -> McResult<i64> {
     run_as(Identity::ExtensionOwner, || {
+        let mut new = 0;
         for f in failures {
-            spi::run(
-                INSERT_FAILURE,
-                &[
-                    run.id.into(),
-                    f.ctid.as_str().into(),
-                    f.row_key.clone().into(),
-                    f.class.into(),
-                    f.length.into(),
-                    f.reason.as_str().into(),
-                ],
-            )?;
+            let args = [
+                run.id.into(),
+                f.ctid.as_str().into(),
+                f.row_key.clone().into(),
+                f.class.into(),
+                f.length.into(),
+                f.reason.as_str().into(),
+            ];
+            new += spi::count(INSERT_FAILURE, &args)? as i64;
         }
+        Ok(new)
+    })
+}
+
+/// Records the run's progress, in the batch's transaction.
+pub fn save(run: &Run) -> McResult<()> {
+    let c = run.total;
+    run_as(Identity::ExtensionOwner, || {
         spi::run(
             SAVE_PROGRESS,
             &[
@@ -196,8 +218,9 @@ pub fn save(run: &Run, failures: &[Failure]) -> McResult<()> {
                 run.pass.into(),
                 run.next_block.into(),
                 run.pass_end_block.into(),
-                c.scanned.into(),
-                run.converted_total.into(),
+                c.seen().into(),
+                c.converted.into(),
+                c.already.into(),
                 c.failed.into(),
                 c.other_keyring.into(),
                 run.rate().into(),
@@ -216,11 +239,12 @@ pub fn failure_count(run_id: i64) -> McResult<i64> {
 }
 
 /// Marks the run done, with its final counts; audited as `<mode>_end`.
-pub fn close(run: &Run, c: &Counts, seconds: f64) -> McResult<()> {
+pub fn close(run: &Run, seconds: f64) -> McResult<()> {
     let role = caller_name();
+    let c = run.total;
     let summary = json!({
         "run_id": run.id, "table": run.tbl_sql, "column": run.col, "passes": run.pass,
-        "converted": run.converted_total, "failed": c.failed, "already": c.already,
+        "converted": c.converted, "failed": c.failed, "already": c.already,
         "nulls": c.nulls, "other_keyring": c.other_keyring, "seconds": seconds,
     });
     run_as(Identity::ExtensionOwner, || {
@@ -228,9 +252,12 @@ pub fn close(run: &Run, c: &Counts, seconds: f64) -> McResult<()> {
             CLOSE_RUN,
             &[
                 run.id.into(),
+                c.seen().into(),
+                c.converted.into(),
                 c.already.into(),
-                c.nulls.into(),
                 c.failed.into(),
+                c.other_keyring.into(),
+                c.nulls.into(),
             ],
         )?;
         store::audit(
@@ -241,75 +268,4 @@ pub fn close(run: &Run, c: &Counts, seconds: f64) -> McResult<()> {
             summary,
         )
     })
-}
-
-/// The NOTICE after each batch.
-pub fn notice_batch(run: &Run) {
-    notice(format!(
-        "{}{} {}.{}: pass {}, {:.0}% of ~{} rows, {} to convert seen, {} converted, \
-         {} failed, {:.0} rows/s, ETA {:.1} s",
-        if run.dry_run { "dry run: " } else { "" },
-        run.mode.name(),
-        run.tbl_sql,
-        run.col,
-        run.pass,
-        run.percent(),
-        run.total_estimate,
-        run.pass_counts.scanned,
-        if run.dry_run {
-            run.pass_counts.converted
-        } else {
-            run.converted_total
-        },
-        run.pass_counts.failed,
-        run.rate(),
-        run.eta()
-    ));
-}
-
-/// The NOTICE when a re-check pass begins.
-pub fn notice_new_pass(run: &Run) {
-    notice(format!(
-        "{} {}.{}: pass {}: re-checking for rows that concurrent writers changed",
-        run.mode.name(),
-        run.tbl_sql,
-        run.col,
-        run.pass
-    ));
-}
-
-/// The closing NOTICE.
-pub fn notice_finish(run: &Run, c: &Counts, seconds: f64) {
-    if run.dry_run {
-        notice(format!(
-            "dry run: {} {}.{} would convert {} values; {} cannot be converted; \
-             {} already in target form; {} null; {} under other keyrings; nothing was written",
-            run.mode.name(),
-            run.tbl_sql,
-            run.col,
-            c.converted,
-            c.failed,
-            c.already,
-            c.nulls,
-            c.other_keyring
-        ));
-    } else {
-        notice(format!(
-            "{} {}.{} done in {:.1} s ({} pass{}): {} converted, {} left untouched \
-             (see manna_crypt.reencrypt_failures, run {}), {} already in target form, \
-             {} null, {} under other keyrings",
-            run.mode.name(),
-            run.tbl_sql,
-            run.col,
-            seconds,
-            run.pass,
-            if run.pass == 1 { "" } else { "es" },
-            run.converted_total,
-            c.failed,
-            run.id,
-            c.already,
-            c.nulls,
-            c.other_keyring
-        ));
-    }
 }

@@ -2,22 +2,40 @@
 //! procedure's calls (start, one step per committed batch, finish) and
 //! mirrored into `manna_crypt.reencrypt_runs` by [`super::progress`].
 
+use std::collections::HashSet;
+use std::rc::Rc;
 use std::time::Instant;
 
 use pgrx::pg_sys;
 
 use super::convert::Mode;
 
-/// What a pass has seen so far.
+/// What a pass, or a whole run, has seen. Every value looked at is in
+/// exactly one of converted, already, failed and other_keyring, so
+/// [`Counts::seen`] is their sum, never a counter of its own that could
+/// drift from them.
 #[derive(Default, Clone, Copy)]
 pub struct Counts {
-    /// Candidate rows the batches looked at (not NULL, not skipped as done).
-    pub scanned: i64,
     pub converted: i64,
     pub already: i64,
     pub nulls: i64,
     pub failed: i64,
     pub other_keyring: i64,
+}
+
+impl Counts {
+    /// Non-NULL values looked at.
+    pub fn seen(&self) -> i64 {
+        self.converted + self.already + self.failed + self.other_keyring
+    }
+
+    pub fn add(&mut self, other: &Counts) {
+        self.converted += other.converted;
+        self.already += other.already;
+        self.nulls += other.nulls;
+        self.failed += other.failed;
+        self.other_keyring += other.other_keyring;
+    }
 }
 
 pub struct Run {
@@ -41,7 +59,17 @@ pub struct Run {
     pub pass: i32,
     /// This pass only; a new pass starts from zero.
     pub pass_counts: Counts,
-    pub converted_total: i64,
+    /// The whole run, every session of it: each row once (pass 1 counts
+    /// every outcome; a re-check pass adds only what it converts or newly
+    /// fails on). `nulls` is filled in at the end.
+    pub total: Counts,
+    /// The ctids (`(block,offset)`) of new row versions this pass wrote into
+    /// blocks it had not reached yet: a later batch of the same pass meets
+    /// them again and must not count them as already in target form. Small:
+    /// only free space ahead (the table's last block) receives them.
+    pub own_ahead: Rc<HashSet<String>>,
+    /// When the last progress NOTICE went out.
+    pub last_notice: Instant,
     pub total_estimate: i64,
     pub started: Instant,
     /// Rows scanned by this session (a resumed run starts from zero).

@@ -107,10 +107,10 @@ FIXED_PATH = "search_path=pg_catalog, pg_temp"
 # Procedures that commit (directly or through a CALL) cannot carry a SET
 # clause: their bodies are checked for qualification instead.
 COMMITTING_PROCEDURES = {
-    "manna_crypt._reencrypt_run(text,regclass,name,text,text,integer,name,boolean)",
-    "manna_crypt.migrate_fernet(regclass,name,text,text,integer,name,boolean)",
-    "manna_crypt.rewrap_column(regclass,name,text,integer,name,boolean)",
-    "manna_crypt.encrypt_column(regclass,name,text,integer,name,boolean)",
+    "manna_crypt._reencrypt_run(text,regclass,name,text,text,integer,name,boolean,bigint,boolean)",
+    "manna_crypt.migrate_fernet(regclass,name,text,text,integer,name,boolean,bigint,boolean)",
+    "manna_crypt.rewrap_column(regclass,name,text,integer,name,boolean,bigint,boolean)",
+    "manna_crypt.encrypt_column(regclass,name,text,integer,name,boolean,bigint,boolean)",
 }
 # C (Rust) functions with a SET clause. None: a SET clause costs every call
 # (no inlining, a GUC save and restore), so the Rust functions set what they

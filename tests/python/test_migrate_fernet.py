@@ -246,16 +246,17 @@ def test_migrate_fernet_converts_everything_convertible(conn, keys, legacy):
     assert sorted(int(k) for k, _, _ in recorded) == sorted(bad)
     assert all(length == len(before[int(k)].encode()) for k, _, length in recorded)
 
-    # progress: one NOTICE per batch with done/total, rate and ETA, then a summary
-    batch = [m for m in msgs if re.search(r"pass \d+, \d+% of", m)]
-    assert len(batch) >= 3, f"{len(batch)} batch notices"
-    assert all(re.search(r"~\d+ rows", m) and re.search(r"\d+ converted", m)
-               and re.search(r"[\d.]+ rows/s", m) and re.search(r"ETA [\d.]+ s", m) for m in batch)
-    assert re.search(r"100% of", batch[-1])
+    # progress: a start line, progress lines only every few seconds (not one
+    # per batch: test_reencrypt_reporting.py), then a summary that adds up
+    assert "run " in msgs[0] and "started" in msgs[0]
     summary = [m for m in msgs if " done in " in m]
     assert len(summary) == 1 and msgs[-1] == summary[0]
     assert f"{len(expect)} converted" in summary[0]
+    assert f"{len(mc1)} already in target form" in summary[0]
     assert f"{len(bad)} left untouched" in summary[0]
+    assert f"{len(nulls)} null" in summary[0]
+    total = len(expect) + len(mc1) + len(bad) + len(nulls)
+    assert f": {total} rows: " in summary[0]
 
     # column_status agrees
     st = status_counts(conn, "items")

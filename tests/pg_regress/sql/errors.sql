@@ -198,6 +198,15 @@ SELECT decrypt_gcm('mc1:' || encode(overlay(:'e'::bytea PLACING '\x7fffffff'::by
 SELECT create_keyring('errors_ring') AS ring_key \gset
 SELECT create_keyring('errors_ring');
 \echo :LAST_ERROR_MESSAGE
+-- if_not_exists: an existing AES-GCM keyring is kept, its active key id
+-- returned (a NOTICE says so); a Fernet keyring of that name is still 42710;
+-- a NULL flag is 22023
+SELECT create_keyring('errors_ring', if_not_exists => true) = :ring_key AS same_key;
+SELECT import_fernet_key('errors_fernet_ring', 'cw_0x689RpI-jtRR7oE8h_eQsKImvJapLeSbXpwF4e4=') > 0 AS imported;
+SELECT create_keyring('errors_fernet_ring', if_not_exists => true);
+\echo :LAST_ERROR_MESSAGE
+SELECT create_keyring('errors_ring', NULL, NULL);
+\echo :LAST_ERROR_MESSAGE
 SELECT encrypt_gcm('ring secret', 'errors_ring', 'ctx') AS rc \gset
 SELECT decrypt_gcm(:'rc', 'ctx') AS ring_round_trip, key_id(:'rc') = :ring_key AS key_id_matches;
 SELECT decrypt_gcm(:'rc', 'other');

@@ -79,6 +79,25 @@ SELECT decrypt_fernet('gAAAAABrAnvEFOtdH9sohr_5_QrzWgVR8XFmyXRcJvPu-aFjzAX-BxE0K
 -- the spec vector still decrypts after a MAC failure in the same session
 SELECT decrypt_fernet('gAAAAAAdwJ6wAAECAwQFBgcICQoLDA0ODy021cpGVWKZ_eEwCGM4BLLF_5CV9dOPmrhuVUPgJobwOz7JcbmrR64jVmpU4IwqDA==', 'fernet_spec');
 
+-- decrypt_any(value, aad, fernet_keyring): either form, decided by prefix
+SELECT encrypt_gcm('any mc1', 'fernet_gcm_ring', 'ctx') AS any_c \gset
+SELECT decrypt_any(:'any_c', 'ctx') AS mc1_form,
+       decrypt_any('gAAAAAAdwJ6wAAECAwQFBgcICQoLDA0ODy021cpGVWKZ_eEwCGM4BLLF_5CV9dOPmrhuVUPgJobwOz7JcbmrR64jVmpU4IwqDA==', NULL, 'fernet_spec') AS fernet_form,
+       decrypt_any(NULL) IS NULL AS null_in_null_out;
+-- wrong AAD -> 39000; a token under a foreign key -> 39000
+SELECT decrypt_any(:'any_c', 'other');
+SELECT decrypt_any('gAAAAABrAnvEINf7KKbRECtWgCQj3WIHXApDVycw5bbIkud7SMGS8VQ8Rb0H4FNErIj-c3mhd9TzDxtUWOeCHA3GWrzOxOCv7w==', NULL, 'fernet_spec');
+-- anything else -> 22P02, naming the accepted forms, never the value
+SELECT decrypt_any('a plaintext secret', NULL, 'fernet_spec');
+\echo :LAST_ERROR_MESSAGE
+SELECT decrypt_any('gAAAAAAdwJ6wAAECAwQFBgcICQoLDA0ODy021cpGVWKZ_eEwCGM4BLLF_5CV9dOPmrhuVUPgJobwOz7JcbmrR64jVmpU4IwqDA==');
+\echo :LAST_ERROR_MESSAGE
+SELECT decrypt_any('mc1:not base64');
+SELECT decrypt_any('gAAAAAbroken', NULL, 'fernet_spec');
+-- unknown Fernet keyring -> 42704; an AES-GCM keyring as Fernet keyring -> 22023
+SELECT decrypt_any('gAAAAAAdwJ6wAAECAwQFBgcICQoLDA0ODy021cpGVWKZ_eEwCGM4BLLF_5CV9dOPmrhuVUPgJobwOz7JcbmrR64jVmpU4IwqDA==', NULL, 'fernet_no_such_keyring');
+SELECT decrypt_any('gAAAAAAdwJ6wAAECAwQFBgcICQoLDA0ODy021cpGVWKZ_eEwCGM4BLLF_5CV9dOPmrhuVUPgJobwOz7JcbmrR64jVmpU4IwqDA==', NULL, 'fernet_gcm_ring');
+
 -- value_class sees tokens without a key
 SELECT label, value_class(v)
   FROM (VALUES ('spec token', 'gAAAAAAdwJ6wAAECAwQFBgcICQoLDA0ODy021cpGVWKZ_eEwCGM4BLLF_5CV9dOPmrhuVUPgJobwOz7JcbmrR64jVmpU4IwqDA=='),

@@ -51,7 +51,7 @@ SELECT category, keyring, key_status, n FROM column_status('migrate_items', 'tok
 -- dry run: reports, writes nothing (no row changed, no version bumped, no run recorded)
 SELECT count(*) AS runs_before FROM reencrypt_runs WHERE tbl = 'migrate_items'::regclass \gset
 SET client_min_messages = warning;
-CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_target', aad_column => 'id', dry_run => true);
+CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_target', aad_column => 'id', dry_run => true) \gset
 RESET client_min_messages;
 SELECT count(*) AS changed_by_dry_run FROM migrate_items a JOIN migrate_before b USING (id)
  WHERE a.token IS DISTINCT FROM b.token OR a.version <> b.version;
@@ -59,7 +59,7 @@ SELECT count(*) - :runs_before AS runs_recorded_by_dry_run FROM reencrypt_runs W
 
 -- the real run, in batches of 4 rows
 SET client_min_messages = warning;
-CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_target', batch_size => 4, aad_column => 'id');
+CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_target', batch_size => 4, aad_column => 'id') \gset
 RESET client_min_messages;
 SELECT category, keyring, key_status, n FROM column_status('migrate_items', 'token');
 
@@ -86,7 +86,7 @@ SELECT tbl, col FROM registered_columns WHERE tbl = 'migrate_items'::regclass;
 
 -- a second run converts nothing more
 SET client_min_messages = warning;
-CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_target', aad_column => 'id');
+CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_target', aad_column => 'id') \gset
 RESET client_min_messages;
 SELECT converted, failed, already, nulls FROM reencrypt_runs
  WHERE tbl = 'migrate_items'::regclass ORDER BY run_id DESC LIMIT 1;
@@ -103,12 +103,12 @@ SELECT revoke_key(:migrate_v1);
 -- ... rewrap_column moves them to v2 (dry run first: writes nothing) ...
 CREATE TABLE migrate_before_rewrap AS SELECT * FROM migrate_items;
 SET client_min_messages = warning;
-CALL rewrap_column('migrate_items', 'token', 'migrate_target', 1000, 'id', true);
+CALL rewrap_column('migrate_items', 'token', 'migrate_target', 1000, 'id', true) \gset
 RESET client_min_messages;
 SELECT count(*) AS changed_by_dry_run FROM migrate_items a JOIN migrate_before_rewrap b USING (id)
  WHERE a.token IS DISTINCT FROM b.token;
 SET client_min_messages = warning;
-CALL rewrap_column('migrate_items', 'token', 'migrate_target', 3, 'id');
+CALL rewrap_column('migrate_items', 'token', 'migrate_target', 3, 'id') \gset
 RESET client_min_messages;
 SELECT category, key_id = :migrate_v2 AS is_v2, keyring, key_status, n
   FROM column_status('migrate_items', 'token');
@@ -131,11 +131,11 @@ INSERT INTO migrate_notes VALUES
   (6, encrypt_gcm('already', 'migrate_notes_ring'));
 SELECT category, n FROM column_status('migrate_notes', 'body');
 SET client_min_messages = warning;
-CALL encrypt_column('migrate_notes', 'body', 'migrate_notes_ring', dry_run => true);
+CALL encrypt_column('migrate_notes', 'body', 'migrate_notes_ring', dry_run => true) \gset
 RESET client_min_messages;
 SELECT category, n FROM column_status('migrate_notes', 'body');
 SET client_min_messages = warning;
-CALL encrypt_column('migrate_notes', 'body', 'migrate_notes_ring');
+CALL encrypt_column('migrate_notes', 'body', 'migrate_notes_ring') \gset
 RESET client_min_messages;
 SELECT category, keyring, key_status, n FROM column_status('migrate_notes', 'body');
 SELECT id, decrypt_gcm(body) AS plaintext, body IS NULL AS is_null FROM migrate_notes WHERE id <> 5 ORDER BY id;
@@ -146,18 +146,41 @@ SELECT f.row_key IS NULL AS no_row_key, f.value_class, f.reason
   FROM reencrypt_failures f JOIN reencrypt_runs r USING (run_id)
  WHERE r.tbl = 'migrate_notes'::regclass;
 
+-- 0.2.0: a CALL hands back its run id (INOUT run_id; \gset above keeps
+-- every id out of this file's output, as they depend on what ran before)
+SET client_min_messages = warning;
+CALL encrypt_column('migrate_notes', 'body', 'migrate_notes_ring') \gset
+RESET client_min_messages;
+SELECT :run_id = max(run_id) AS returns_its_run_id FROM reencrypt_runs;
+-- a dry run records nothing: its run_id is NULL
+SET client_min_messages = warning;
+CALL encrypt_column('migrate_notes', 'body', 'migrate_notes_ring', dry_run => true);
+-- raise_on_failure: rows left unconverted -> 22000, after the run's last
+-- COMMIT (the run is closed and recorded)
+CALL encrypt_column('migrate_notes', 'body', 'migrate_notes_ring', raise_on_failure => true);
+RESET client_min_messages;
+SELECT status, failed FROM reencrypt_runs ORDER BY run_id DESC LIMIT 1;
+-- ... also for a dry run, which writes nothing
+SET client_min_messages = warning;
+CALL encrypt_column('migrate_notes', 'body', 'migrate_notes_ring', dry_run => true, raise_on_failure => true);
+RESET client_min_messages;
+-- NULL raise_on_failure -> 22023 (after the run: it is the run's end that reads it)
+SET client_min_messages = warning;
+CALL encrypt_column('migrate_notes', 'body', 'migrate_notes_ring', raise_on_failure => NULL);
+RESET client_min_messages;
+
 -- errors
 -- batch_size out of range -> 22023
-CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_target', batch_size => 0);
-CALL rewrap_column('migrate_items', 'token', 'migrate_target', -1);
-CALL encrypt_column('migrate_notes', 'body', 'migrate_notes_ring', 100001);
+CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_target', batch_size => 0) \gset
+CALL rewrap_column('migrate_items', 'token', 'migrate_target', -1) \gset
+CALL encrypt_column('migrate_notes', 'body', 'migrate_notes_ring', 100001) \gset
 -- not a text column -> 22023
-CALL migrate_fernet('migrate_items', 'id', 'migrate_legacy', 'migrate_target');
-CALL encrypt_column('migrate_notes', 'no_such_column', 'migrate_notes_ring');
+CALL migrate_fernet('migrate_items', 'id', 'migrate_legacy', 'migrate_target') \gset
+CALL encrypt_column('migrate_notes', 'no_such_column', 'migrate_notes_ring') \gset
 -- aad_column that does not exist -> 22023
-CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_target', aad_column => 'no_such_column');
+CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_target', aad_column => 'no_such_column') \gset
 -- unknown table -> 42P01
-CALL migrate_fernet('migrate_no_such_table', 'token', 'migrate_legacy', 'migrate_target');
+CALL migrate_fernet('migrate_no_such_table', 'token', 'migrate_legacy', 'migrate_target') \gset
 -- column_status: a NULL table, a NULL or empty column name -> 22023; no such
 -- column -> 42703
 SELECT * FROM column_status(NULL, 'token');
@@ -167,23 +190,23 @@ SELECT * FROM column_status('migrate_items', NULL);
 SELECT * FROM column_status('migrate_items', '');
 SELECT * FROM column_status('migrate_items', 'no_such_column');
 -- unknown keyrings -> 42704
-CALL migrate_fernet('migrate_items', 'token', 'migrate_no_such_ring', 'migrate_target');
-CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_no_such_ring');
-CALL rewrap_column('migrate_items', 'token', 'migrate_no_such_ring');
-CALL encrypt_column('migrate_notes', 'body', 'migrate_no_such_ring');
+CALL migrate_fernet('migrate_items', 'token', 'migrate_no_such_ring', 'migrate_target') \gset
+CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_no_such_ring') \gset
+CALL rewrap_column('migrate_items', 'token', 'migrate_no_such_ring') \gset
+CALL encrypt_column('migrate_notes', 'body', 'migrate_no_such_ring') \gset
 -- wrong kinds of keyring -> 22023
-CALL migrate_fernet('migrate_items', 'token', 'migrate_target', 'migrate_target');
-CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_legacy');
-CALL encrypt_column('migrate_notes', 'body', 'migrate_legacy');
+CALL migrate_fernet('migrate_items', 'token', 'migrate_target', 'migrate_target') \gset
+CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_legacy') \gset
+CALL encrypt_column('migrate_notes', 'body', 'migrate_legacy') \gset
 -- inside a transaction block -> 25001 (they commit per batch)
 BEGIN;
-CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_target');
+CALL migrate_fernet('migrate_items', 'token', 'migrate_legacy', 'migrate_target') \gset
 ROLLBACK;
 BEGIN;
-CALL rewrap_column('migrate_items', 'token', 'migrate_target');
+CALL rewrap_column('migrate_items', 'token', 'migrate_target') \gset
 ROLLBACK;
 BEGIN;
-CALL encrypt_column('migrate_notes', 'body', 'migrate_notes_ring');
+CALL encrypt_column('migrate_notes', 'body', 'migrate_notes_ring') \gset
 ROLLBACK;
 -- none of the failed calls wrote anything or left a run behind
 SELECT count(*) AS running FROM reencrypt_runs WHERE status = 'running';
