@@ -336,7 +336,9 @@ def test_alembic_reencrypt_ops_raise_when_rows_are_left(tmp_path, alembic_db, mo
     monkeypatch.setenv("MC_TEST_RAISE", "1")
     with pytest.raises(RowsLeftError) as e:
         command.upgrade(cfg, "head")
-    assert e.value.run_id is not None
+    assert e.value.run_id is not None and e.value.failed == 1
+    # raised by the procedure itself (raise_on_failure => true), after its last COMMIT
+    assert e.value.__cause__.orig.sqlstate == "22000"
     with connect(alembic_db) as c:
         # the revision is not recorded; the convertible rows are converted
         assert c.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0001"
@@ -393,7 +395,8 @@ def test_alembic_offline_sql(tmp_path, alembic_db):
     os.environ.setdefault("MC_TEST_FERNET_KEY", "unused-in-offline-mode")
     command.upgrade(cfg, "0001:0002", sql=True)
     out = buf.getvalue()
-    assert "SELECT manna_crypt.create_keyring('plaid_tokens', CAST('90 days' AS interval))" in out
+    assert ("SELECT manna_crypt.create_keyring(CAST('plaid_tokens' AS text), CAST('90 days' AS interval), "
+            "if_not_exists => true)") in out
     assert "COMMIT;" in out
     assert ("CALL manna_crypt.migrate_fernet(CAST('plaid_items' AS regclass), CAST('access_token' AS name), "
             "CAST('legacy_fernet' AS text), CAST('plaid_tokens' AS text), batch_size => CAST(500 AS integer)") in out

@@ -95,10 +95,10 @@ class CreateKeyringOp(MigrateOperation):
 
 @Operations.implementation_for(CreateKeyringOp)
 def _create_keyring(operations, op: CreateKeyringOp):
-    sql = "SELECT manna_crypt.create_keyring(:name, CAST(:period AS interval))"
+    sql = "SELECT manna_crypt.create_keyring(CAST(:name AS text), CAST(:period AS interval)"
     if op.if_not_exists:
-        sql += " WHERE NOT EXISTS (SELECT FROM manna_crypt.keys WHERE keyring = :name)"
-    _execute(operations, sa.text(sql).bindparams(name=op.name, period=op.rotation_period))
+        sql += ", if_not_exists => true"
+    _execute(operations, sa.text(sql + ")").bindparams(name=op.name, period=op.rotation_period))
 
 
 # ---- protect_column / unprotect_column --------------------------------------------

@@ -29,7 +29,7 @@ from __future__ import annotations
 import operator
 from typing import Any, Optional
 
-from sqlalchemy import Text, case, cast, func, literal, select
+from sqlalchemy import Text, case, cast, func, literal, null, select
 from sqlalchemy.exc import CompileError, InvalidRequestError
 from sqlalchemy.sql import operators
 from sqlalchemy.types import TypeDecorator
@@ -137,15 +137,16 @@ class EncryptedText(TypeDecorator):
 
     def decrypt_expression(self, col: Any) -> Any:
         aad = None if self.aad is None else cast(self.aad_column(col), Text)
-        gcm = func.manna_crypt.decrypt_gcm(col, type_=Text) if aad is None else \
-            func.manna_crypt.decrypt_gcm(col, aad, type_=Text)
         if self.fernet_keyring is None:
-            return gcm
+            if aad is None:
+                return func.manna_crypt.decrypt_gcm(col, type_=Text)
+            return func.manna_crypt.decrypt_gcm(col, aad, type_=Text)
         fk = literal(self.fernet_keyring, Text)
-        # a Fernet token as stored, or an mc1 value (whose plaintext may be
-        # a Fernet token the trigger sealed: opened once more)
-        first = case((func.manna_crypt.value_class(col) == "fernet", func.manna_crypt.decrypt_fernet(col, fk)),
-                     else_=gcm)
+        # decrypt_any: a Fernet token as stored, or an mc1 value. The
+        # plaintext of the latter may itself be a Fernet token that the
+        # column's trigger sealed (written by a release that still wrote
+        # Fernet after the column was protected): opened once more.
+        first = func.manna_crypt.decrypt_any(col, aad if aad is not None else cast(null(), Text), fk, type_=Text)
         return case((func.manna_crypt.value_class(first) == "fernet", func.manna_crypt.decrypt_fernet(first, fk)),
                     else_=first)
 
