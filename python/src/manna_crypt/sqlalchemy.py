@@ -155,15 +155,25 @@ class EncryptedText(TypeDecorator):
 
     # -- writing: the plaintext, which the column's trigger encrypts ------------
 
-    def process_bind_param(self, value: Any, dialect: Any) -> Any:
-        if value is not None and not isinstance(value, str):
-            raise TypeError(f"EncryptedText takes str values, not {type(value).__name__}")
-        if value is not None and self.fernet is not None:
-            return self.fernet.encrypt(value.encode("utf-8")).decode("ascii")
-        return value
+    def bind_processor(self, dialect: Any) -> Any:
+        # The plaintext goes to the driver as it is. Only str: SQLAlchemy's
+        # psycopg dialect casts parameters (`%(p)s::VARCHAR`), which would
+        # turn bytes into their hex text and store that, encrypted.
+        fernet = self.fernet
 
-    def process_result_value(self, value: Any, dialect: Any) -> Any:
-        return value
+        def process(value: Any) -> Any:
+            if value is None:
+                return None
+            if not isinstance(value, str):
+                raise TypeError(f"EncryptedText takes str values, not {type(value).__name__}")
+            if fernet is not None:
+                return fernet.encrypt(value.encode("utf-8")).decode("ascii")
+            return value
+
+        return process
+
+    def result_processor(self, dialect: Any, coltype: Any) -> Any:
+        return None  # decrypt_gcm() already returns the text
 
     def copy(self, **kw: Any) -> "EncryptedText":
         return EncryptedText(self.keyring, self.aad, self.fernet_keyring, self.fernet)
