@@ -148,10 +148,17 @@ impl Row<'_, '_> {
         self.trigger.table_name().unwrap_or_else(|_| "?".into())
     }
 
+    /// The column's number and type, looked up in the descriptor itself
+    /// (per row, without a call into PostgreSQL).
     fn attnum(&self, col: &CStr, what: &str) -> McResult<(i32, pg_sys::Oid)> {
-        // SAFETY: a valid descriptor and NUL-terminated name.
-        let attnum = unsafe { pg_sys::SPI_fnumber(self.tupdesc, col.as_ptr()) };
-        if attnum <= 0 {
+        // SAFETY: the relation's descriptor, valid for the trigger call; not
+        // released on drop (unchecked).
+        let desc = unsafe { PgTupleDesc::from_pg_unchecked(self.tupdesc) };
+        let found = desc.iter().enumerate().find(|(_, att)| {
+            // SAFETY: attname is a NUL-terminated NameData.
+            !att.attisdropped && unsafe { CStr::from_ptr(att.attname.data.as_ptr()) } == col
+        });
+        let Some((i, att)) = found else {
             return Err(McError::UndefinedColumn {
                 message: format!(
                     "{what} \"{}\" of protected table \"{}\" does not exist",
@@ -162,17 +169,14 @@ impl Row<'_, '_> {
                        its new name"
                     .into(),
             });
-        }
-        // SAFETY: attnum is a valid user column of the descriptor.
-        Ok((attnum, unsafe {
-            pg_sys::SPI_gettypeid(self.tupdesc, attnum)
-        }))
+        };
+        Ok((i as i32 + 1, att.atttypid))
     }
 
     fn datum(&self, tuple: pg_sys::HeapTuple, attnum: i32) -> Option<pg_sys::Datum> {
         let mut isnull = false;
         // SAFETY: the trigger's tuples match the relation's descriptor.
-        let d = unsafe { pg_sys::SPI_getbinval(tuple, self.tupdesc, attnum, &mut isnull) };
+        let d = unsafe { pg_sys::heap_getattr(tuple, attnum, self.tupdesc, &mut isnull) };
         (!isnull).then_some(d)
     }
 
