@@ -97,16 +97,7 @@ unsafe extern "C-unwind" fn on_xact_event(
     event: pg_sys::XactEvent::Type,
     _arg: *mut std::ffi::c_void,
 ) {
-    use pg_sys::XactEvent::*;
-    if matches!(
-        event,
-        XACT_EVENT_COMMIT
-            | XACT_EVENT_PARALLEL_COMMIT
-            | XACT_EVENT_ABORT
-            | XACT_EVENT_PARALLEL_ABORT
-            | XACT_EVENT_PREPARE
-    ) && STALE_AT_XACT_END.swap(false, Ordering::Relaxed)
-    {
+    if crate::pg::xact::is_end(event) && STALE_AT_XACT_END.swap(false, Ordering::Relaxed) {
         STALE.store(true, Ordering::Relaxed);
     }
 }

@@ -24,3 +24,17 @@ pub fn backend_pid() -> u32 {
     // any SQL runs; reading it is a plain load.
     unsafe { pg_sys::MyProcPid as u32 }
 }
+
+/// Whether a transaction callback's event ends the top transaction (a
+/// commit, an abort or a PREPARE, in a backend or a parallel worker).
+pub fn is_end(event: pg_sys::XactEvent::Type) -> bool {
+    use pg_sys::XactEvent::*;
+    matches!(
+        event,
+        XACT_EVENT_COMMIT
+            | XACT_EVENT_PARALLEL_COMMIT
+            | XACT_EVENT_ABORT
+            | XACT_EVENT_PARALLEL_ABORT
+            | XACT_EVENT_PREPARE
+    )
+}
