@@ -123,6 +123,22 @@ SELECT cursor FROM demo.plaid_items WHERE id = 1;
 SELECT lock_key('plaid_item:1') AS lock_key, try_lock_session('plaid_item:1') AS got_it, unlock('plaid_item:1') AS released;
 
 \echo
-\echo '=== 9. info(): versions, root key source and fingerprint (never the key), keyrings ==='
+\echo '=== 9. A protected column: the application writes plaintext, the database stores ciphertext ==='
+SELECT create_keyring('pii', if_not_exists => true) IS NOT NULL AS keyring_ready;
+CREATE TABLE demo.customers (
+    id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    email text
+);
+SELECT protect_column('demo.customers', 'email', 'pii', aad_column => 'id');
+INSERT INTO demo.customers (email) VALUES ('ada@example.com'), ('grace@example.com');
+SELECT id, left(email, 24) || '...' AS stored, decrypt_gcm(email, id::text) AS email FROM demo.customers ORDER BY id;
+\echo 'Editing a ciphertext is refused (22P02), never encrypted again as if it were plaintext:'
+\set ON_ERROR_STOP 0
+UPDATE demo.customers SET email = email || 'x' WHERE id = 1;
+\set ON_ERROR_STOP 1
+
+\echo
+\echo '=== 10. info(): versions, root key state and fingerprint (never the key), keyrings, nonce budget ==='
 SELECT jsonb_pretty(info() - 'keyrings') AS info;
+SELECT key_id, keyring, version, status, encryptions FROM keys ORDER BY key_id;
 SELECT event, keyring, key_id FROM audit_log ORDER BY id;
