@@ -38,7 +38,7 @@ const COLUMN: &str = "\
      WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped";
 
 const TRIGGER_ARGS: &str = "\
-    SELECT pg_catalog.encode(t.tgargs, 'escape') FROM pg_catalog.pg_trigger t \
+    SELECT t.tgargs FROM pg_catalog.pg_trigger t \
      WHERE t.tgrelid = $1 AND t.tgname = $2";
 
 const KEYRING_KIND: &str = "SELECT kind FROM manna_crypt.keyrings WHERE name = $1";
@@ -133,7 +133,7 @@ pub fn aad_type_error(col: &str) -> McError {
 /// The protected columns of the table: (col, keyring, aad) triplets from
 /// the trigger's arguments.
 fn current_specs(tbl: Regclass) -> McResult<Vec<[String; 3]>> {
-    let args = spi::one::<String>(
+    let args = spi::one::<Vec<u8>>(
         Mode::Read,
         TRIGGER_ARGS,
         &[tbl.0.into(), TRIGGER_NAME.into()],
@@ -141,11 +141,10 @@ fn current_specs(tbl: Regclass) -> McResult<Vec<[String; 3]>> {
     let Some(args) = args else {
         return Ok(Vec::new());
     };
-    // tgargs: each argument followed by a NUL, shown by encode(.., 'escape')
-    // as "\000"; a backslash in an argument is shown doubled.
+    // tgargs holds each argument followed by a NUL byte.
     let parts: Vec<String> = args
-        .split("\\000")
-        .map(|a| a.replace("\\\\", "\\"))
+        .split(|&b| b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
     let parts = &parts[..parts.len().saturating_sub(1)];
     Ok(parts
@@ -155,8 +154,6 @@ fn current_specs(tbl: Regclass) -> McResult<Vec<[String; 3]>> {
         .collect())
 }
 
-/// Replaces the table's protect trigger (`existed`: there is one to drop)
-/// by one with `specs`, or by none.
 /// For the re-encryption procedures: `Some(aad)` when `tbl.col` is
 /// protected (`aad` its AAD column, `None` for none), `None` when it is not.
 pub fn protected_aad(tbl: pg_sys::Oid, col: &str) -> McResult<Option<Option<String>>> {

@@ -366,3 +366,23 @@ def test_concurrent_writers_during_migrate_fernet_on_a_protected_column(fresh_db
     assert failures == 0
     assert len(writes) > 20, "the writers did not overlap the migration"
     assert rows == expected
+
+
+def test_non_ascii_column_names_survive_a_second_protect(conn):
+    """The trigger's arguments are read back when another column is
+    protected; names outside ASCII must come back as they were."""
+    c = conn
+    c.execute("SELECT manna_crypt.create_keyring('pii')")
+    c.execute('CREATE TABLE kunden (nr int PRIMARY KEY, "straße" text, "e-mail\\\\x" text)')
+    c.execute("""SELECT manna_crypt.protect_column('kunden', 'straße', 'pii', 'nr')""")
+    c.execute("""SELECT manna_crypt.protect_column('kunden', 'e-mail\\\\x', 'pii', 'nr')""")
+    c.execute("""INSERT INTO kunden VALUES (1, 'Hauptstraße 1', 'a@x')""")
+    row = c.execute(
+        """SELECT manna_crypt.decrypt_gcm("straße", nr::text), manna_crypt.decrypt_gcm("e-mail\\\\x", nr::text)
+             FROM kunden"""
+    ).fetchone()
+    assert row == ("Hauptstraße 1", "a@x")
+    c.execute("""SELECT manna_crypt.unprotect_column('kunden', 'straße')""")
+    c.execute("""INSERT INTO kunden VALUES (2, 'plain street', 'b@x')""")
+    assert c.execute("""SELECT "straße" FROM kunden WHERE nr = 2""").fetchone()[0] == "plain street"
+    assert c.execute("""SELECT manna_crypt.decrypt_gcm("e-mail\\\\x", nr::text) FROM kunden WHERE nr = 2""").fetchone()[0] == "b@x"
