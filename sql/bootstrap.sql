@@ -51,10 +51,12 @@ CREATE TABLE manna_crypt.data_keys (
     root_fingerprint  text NOT NULL,
     created_at        timestamptz NOT NULL DEFAULT now(),
     status_changed_at timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (keyring_id, version)
+    -- 'data' encrypts and decrypts; 'index' computes blind-index terms.
+    purpose           text NOT NULL DEFAULT 'data' CHECK (purpose IN ('data', 'index')),
+    UNIQUE (keyring_id, purpose, version)
 );
--- Exactly one key encrypts per keyring.
-CREATE UNIQUE INDEX data_keys_one_active ON manna_crypt.data_keys (keyring_id) WHERE status = 'active';
+-- Exactly one key encrypts (one computes new index terms) per keyring.
+CREATE UNIQUE INDEX data_keys_one_active ON manna_crypt.data_keys (keyring_id, purpose) WHERE status = 'active';
 
 -- The check value of the root key the data keys are wrapped under:
 -- HMAC-SHA256(root key, label), never the key.

@@ -80,13 +80,15 @@ GRANT EXECUTE ON FUNCTION
 -- gains anything from EXECUTE on them.
 GRANT EXECUTE ON FUNCTION
     manna_crypt._reencrypt_row(tid, text, text, bigint),
+    manna_crypt._reencrypt_row(tid, text, text, bigint, bytea),
     manna_crypt._reencrypt_value(tid, bigint)
   TO PUBLIC;
 GRANT EXECUTE ON PROCEDURE
     manna_crypt._reencrypt_run(text, regclass, name, text, text, integer, name, boolean, bigint, boolean),
     manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean, bigint, boolean),
     manna_crypt.rewrap_column(regclass, name, text, integer, name, boolean, bigint, boolean),
-    manna_crypt.encrypt_column(regclass, name, text, integer, name, boolean, bigint, boolean)
+    manna_crypt.encrypt_column(regclass, name, text, integer, name, boolean, bigint, boolean),
+    manna_crypt.backfill_blind_index(regclass, name, integer, boolean, bigint, boolean)
   TO manna_crypt_admin;
 GRANT SELECT ON manna_crypt.reencrypt_runs, manna_crypt.reencrypt_failures, manna_crypt.reencrypt_progress TO manna_crypt_admin;
 
@@ -150,7 +152,7 @@ COMMENT ON FUNCTION manna_crypt._reencrypt_value(tid, bigint) IS 'internal: the 
 -- the trigger function and the CHECK's function run for every writer, and
 -- a direct call of either does nothing useful (39P01; a format check).
 GRANT EXECUTE ON FUNCTION
-    manna_crypt.protect_column(regclass, text, text, text),
+    manna_crypt.protect_column(regclass, text, text, text, text, text, integer),
     manna_crypt.unprotect_column(regclass, text),
     manna_crypt.health()
   TO manna_crypt_user;
@@ -159,7 +161,27 @@ GRANT EXECUTE ON FUNCTION
     manna_crypt._protect(),
     manna_crypt._protected_check(text, text)
   TO PUBLIC;
-COMMENT ON FUNCTION manna_crypt.protect_column(regclass, text, text, text) IS 'encrypt every plaintext written to a text column under a keyring, bound to the row''s AAD column, with a trigger and a CHECK; table owner only; idempotent';
+COMMENT ON FUNCTION manna_crypt.protect_column(regclass, text, text, text, text, text, integer) IS 'encrypt every plaintext written to a text column under a keyring, bound to the row''s AAD column, with a trigger and a CHECK, and keep its blind-index column; table owner only; idempotent';
 COMMENT ON FUNCTION manna_crypt.unprotect_column(regclass, text) IS 'stop encrypting writes to a protected column (stored values stay as they are)';
-COMMENT ON FUNCTION manna_crypt._protect() IS 'internal: the protect trigger (arguments: column, keyring, AAD column triplets)';
+COMMENT ON FUNCTION manna_crypt._protect() IS 'internal: the protect trigger (six arguments per column: column, keyring, AAD column, blind-index column, normalization, bits)';
 COMMENT ON FUNCTION manna_crypt._protected_check(text, text) IS 'internal: the CHECK of a protected column; raises 23514 without the row for anything but a ciphertext';
+
+-- Blind indexes (issue 12).
+REVOKE EXECUTE ON FUNCTION
+    manna_crypt.blind_index(text, text, text, integer),
+    manna_crypt.blind_index_all(text, text, text, integer),
+    manna_crypt.rotate_index_key(text)
+  FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    manna_crypt.blind_index(text, text, text, integer),
+    manna_crypt.blind_index_all(text, text, text, integer)
+  TO manna_crypt_user;
+GRANT EXECUTE ON FUNCTION manna_crypt.rotate_index_key(text) TO manna_crypt_admin;
+-- Pure (no key) and what pg_trigger shows anyway: everyone.
+GRANT EXECUTE ON FUNCTION manna_crypt.blind_normalize(text, text), manna_crypt.protected_columns() TO PUBLIC;
+COMMENT ON FUNCTION manna_crypt.blind_index(text, text, text, integer) IS 'the blind-index term of a value: HMAC-SHA256 of the normalized value under the keyring''s active index key, prefixed with the key id';
+COMMENT ON FUNCTION manna_crypt.blind_index_all(text, text, text, integer) IS 'the blind-index terms of a value under every live index key of the keyring (for = ANY(...) lookups during a rotation)';
+COMMENT ON FUNCTION manna_crypt.blind_normalize(text, text) IS 'a value normalized as a blind index normalizes it (none, lower, email, digits)';
+COMMENT ON FUNCTION manna_crypt.rotate_index_key(text) IS 'create a new active blind-index key for a keyring (the first, or the next version); older ones keep matching lookups until revoked';
+COMMENT ON FUNCTION manna_crypt.protected_columns() IS 'every protected column of this database with its keyring, AAD column and blind index';
+COMMENT ON FUNCTION manna_crypt._reencrypt_row(tid, text, text, bigint, bytea) IS 'internal: compute one row''s blind-index term inside a backfill batch, or record why not';

@@ -44,11 +44,11 @@ CREATE TRIGGER append_only_truncate BEFORE TRUNCATE ON manna_crypt.audit_log
 CREATE VIEW manna_crypt.keys AS
 SELECT k.key_id, r.name AS keyring, r.kind, k.version, k.status,
        k.created_at, k.status_changed_at, k.root_fingerprint, r.rotation_period,
-       coalesce(u.encryptions, 0) AS encryptions, u.last_used
+       coalesce(u.encryptions, 0) AS encryptions, u.last_used, k.purpose
   FROM manna_crypt.data_keys k
   JOIN manna_crypt.keyrings r USING (keyring_id)
   LEFT JOIN manna_crypt._key_usage() u ON u.key_id = k.key_id;
 
 COMMENT ON FUNCTION manna_crypt._keys_changed() IS 'internal: trigger calling _invalidate_key_cache()';
 COMMENT ON FUNCTION manna_crypt._audit_log_append_only() IS 'internal: keeps audit_log append-only';
-COMMENT ON VIEW manna_crypt.keys IS 'every data key with its keyring, version, status, encryptions so far and last use; no key material';
+COMMENT ON VIEW manna_crypt.keys IS 'every key with its keyring, purpose (data or index), version, status, encryptions so far and last use; no key material';

@@ -273,7 +273,8 @@ COMMENT ON FUNCTION manna_crypt.reload_root_key() IS 'load the root key (and the
 -- ---- 0.2.0: protected columns (issue 11) ------------------------------------
 CREATE FUNCTION manna_crypt."_protect"() RETURNS trigger
 LANGUAGE c AS 'MODULE_PATHNAME', '_protect_wrapper';
-CREATE FUNCTION manna_crypt.protect_column(tbl regclass, col text, keyring text, aad_column text DEFAULT NULL)
+CREATE FUNCTION manna_crypt.protect_column(tbl regclass, col text, keyring text, aad_column text DEFAULT NULL,
+    blind_index_column text DEFAULT NULL, normalization text DEFAULT 'none', bits integer DEFAULT 256)
 RETURNS void VOLATILE PARALLEL UNSAFE
 LANGUAGE c AS 'MODULE_PATHNAME', 'protect_column_wrapper';
 CREATE FUNCTION manna_crypt.unprotect_column(tbl regclass, col text)
@@ -284,7 +285,7 @@ RETURNS boolean IMMUTABLE PARALLEL SAFE
 LANGUAGE c AS 'MODULE_PATHNAME', '_protected_check_wrapper';
 REVOKE EXECUTE ON FUNCTION
     manna_crypt._protect(),
-    manna_crypt.protect_column(regclass, text, text, text),
+    manna_crypt.protect_column(regclass, text, text, text, text, text, integer),
     manna_crypt.unprotect_column(regclass, text),
     manna_crypt._protected_check(text, text)
   FROM PUBLIC;
@@ -292,16 +293,16 @@ REVOKE EXECUTE ON FUNCTION
 -- the trigger function and the CHECK's function run for every writer, and
 -- a direct call of either does nothing useful (39P01; a format check).
 GRANT EXECUTE ON FUNCTION
-    manna_crypt.protect_column(regclass, text, text, text),
+    manna_crypt.protect_column(regclass, text, text, text, text, text, integer),
     manna_crypt.unprotect_column(regclass, text)
   TO manna_crypt_user;
 GRANT EXECUTE ON FUNCTION
     manna_crypt._protect(),
     manna_crypt._protected_check(text, text)
   TO PUBLIC;
-COMMENT ON FUNCTION manna_crypt.protect_column(regclass, text, text, text) IS 'encrypt every plaintext written to a text column under a keyring, bound to the row''s AAD column, with a trigger and a CHECK; table owner only; idempotent';
+COMMENT ON FUNCTION manna_crypt.protect_column(regclass, text, text, text, text, text, integer) IS 'encrypt every plaintext written to a text column under a keyring, bound to the row''s AAD column, with a trigger and a CHECK, and keep its blind-index column; table owner only; idempotent';
 COMMENT ON FUNCTION manna_crypt.unprotect_column(regclass, text) IS 'stop encrypting writes to a protected column (stored values stay as they are)';
-COMMENT ON FUNCTION manna_crypt._protect() IS 'internal: the protect trigger (arguments: column, keyring, AAD column triplets)';
+COMMENT ON FUNCTION manna_crypt._protect() IS 'internal: the protect trigger (six arguments per column: column, keyring, AAD column, blind-index column, normalization, bits)';
 COMMENT ON FUNCTION manna_crypt._protected_check(text, text) IS 'internal: the CHECK of a protected column; raises 23514 without the row for anything but a ciphertext';
 
 -- ---- 0.2.0: a health check for application roles ----------------------------
@@ -451,3 +452,78 @@ COMMENT ON PROCEDURE manna_crypt.rewrap_column(regclass, name, text, integer, na
 COMMENT ON PROCEDURE manna_crypt.encrypt_column(regclass, name, text, integer, name, boolean, bigint, boolean) IS 'encrypt plaintext values of a column in place, committing per batch';
 COMMENT ON PROCEDURE manna_crypt._reencrypt_run(text, regclass, name, text, text, integer, name, boolean, bigint, boolean) IS 'internal: the batch loop shared by migrate_fernet, rewrap_column and encrypt_column';
 COMMENT ON FUNCTION manna_crypt._reencrypt_result(bigint, boolean) IS 'internal: after a run''s last commit, its id, or the error of raise_on_failure';
+
+-- ---- 0.2.0: blind indexes (issue 12) ----------------------------------------
+-- Index keys are rows of data_keys with purpose 'index': versions are
+-- numbered per purpose, and one key of each purpose is active.
+ALTER TABLE manna_crypt.data_keys
+    ADD COLUMN purpose text NOT NULL DEFAULT 'data' CHECK (purpose IN ('data', 'index')),
+    DROP CONSTRAINT data_keys_keyring_id_version_key,
+    ADD CONSTRAINT data_keys_keyring_id_purpose_version_key UNIQUE (keyring_id, purpose, version);
+DROP INDEX manna_crypt.data_keys_one_active;
+CREATE UNIQUE INDEX data_keys_one_active ON manna_crypt.data_keys (keyring_id, purpose) WHERE status = 'active';
+CREATE OR REPLACE VIEW manna_crypt.keys AS
+SELECT k.key_id, r.name AS keyring, r.kind, k.version, k.status,
+       k.created_at, k.status_changed_at, k.root_fingerprint, r.rotation_period,
+       coalesce(u.encryptions, 0) AS encryptions, u.last_used, k.purpose
+  FROM manna_crypt.data_keys k
+  JOIN manna_crypt.keyrings r USING (keyring_id)
+  LEFT JOIN manna_crypt._key_usage() u ON u.key_id = k.key_id;
+COMMENT ON VIEW manna_crypt.keys IS 'every key with its keyring, purpose (data or index), version, status, encryptions so far and last use; no key material';
+
+CREATE FUNCTION manna_crypt.blind_index(value text, keyring text, normalization text DEFAULT 'none', bits integer DEFAULT 256)
+RETURNS bytea STABLE PARALLEL SAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'blind_index_wrapper';
+CREATE FUNCTION manna_crypt.blind_index_all(value text, keyring text, normalization text DEFAULT 'none', bits integer DEFAULT 256)
+RETURNS bytea[] STABLE PARALLEL SAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'blind_index_all_wrapper';
+CREATE FUNCTION manna_crypt.blind_normalize(value text, normalization text)
+RETURNS text IMMUTABLE PARALLEL SAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'blind_normalize_wrapper';
+CREATE FUNCTION manna_crypt.rotate_index_key(keyring text)
+RETURNS integer VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'rotate_index_key_wrapper';
+CREATE FUNCTION manna_crypt.protected_columns()
+RETURNS TABLE (schema_name text, table_name text, col text, keyring text, aad_column text,
+               blind_index_column text, normalization text, bits integer)
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'protected_columns_wrapper';
+CREATE FUNCTION manna_crypt._reencrypt_row(ctid tid, value text, aad text, token bigint, current bytea)
+RETURNS boolean VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', '_reencrypt_index_row_wrapper';
+REVOKE EXECUTE ON FUNCTION
+    manna_crypt.blind_index(text, text, text, integer),
+    manna_crypt.blind_index_all(text, text, text, integer),
+    manna_crypt.rotate_index_key(text)
+  FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    manna_crypt.blind_index(text, text, text, integer),
+    manna_crypt.blind_index_all(text, text, text, integer)
+  TO manna_crypt_user;
+GRANT EXECUTE ON FUNCTION manna_crypt.rotate_index_key(text) TO manna_crypt_admin;
+-- Pure (no key) and what pg_trigger shows anyway: everyone.
+GRANT EXECUTE ON FUNCTION manna_crypt.blind_normalize(text, text), manna_crypt.protected_columns() TO PUBLIC;
+GRANT EXECUTE ON FUNCTION manna_crypt._reencrypt_row(tid, text, text, bigint, bytea) TO PUBLIC;
+COMMENT ON FUNCTION manna_crypt.blind_index(text, text, text, integer) IS 'the blind-index term of a value: HMAC-SHA256 of the normalized value under the keyring''s active index key, prefixed with the key id';
+COMMENT ON FUNCTION manna_crypt.blind_index_all(text, text, text, integer) IS 'the blind-index terms of a value under every live index key of the keyring (for = ANY(...) lookups during a rotation)';
+COMMENT ON FUNCTION manna_crypt.blind_normalize(text, text) IS 'a value normalized as a blind index normalizes it (none, lower, email, digits)';
+COMMENT ON FUNCTION manna_crypt.rotate_index_key(text) IS 'create a new active blind-index key for a keyring (the first, or the next version); older ones keep matching lookups until revoked';
+COMMENT ON FUNCTION manna_crypt.protected_columns() IS 'every protected column of this database with its keyring, AAD column and blind index';
+COMMENT ON FUNCTION manna_crypt._reencrypt_row(tid, text, text, bigint, bytea) IS 'internal: compute one row''s blind-index term inside a backfill batch, or record why not';
+
+ALTER TABLE manna_crypt.reencrypt_runs DROP CONSTRAINT reencrypt_runs_mode_check,
+    ADD CONSTRAINT reencrypt_runs_mode_check
+    CHECK (mode IN ('migrate_fernet', 'rewrap_column', 'encrypt_column', 'backfill_blind_index'));
+CREATE PROCEDURE manna_crypt.backfill_blind_index(
+    tbl regclass, col name,
+    batch_size integer DEFAULT 1000, dry_run boolean DEFAULT false,
+    INOUT run_id bigint DEFAULT NULL, raise_on_failure boolean DEFAULT false)
+LANGUAGE plpgsql AS
+$$
+BEGIN
+    CALL manna_crypt._reencrypt_run('backfill_blind_index', tbl, col, NULL, NULL, batch_size, NULL, dry_run, run_id, raise_on_failure);
+END
+$$;
+REVOKE EXECUTE ON PROCEDURE manna_crypt.backfill_blind_index(regclass, name, integer, boolean, bigint, boolean) FROM PUBLIC;
+GRANT EXECUTE ON PROCEDURE manna_crypt.backfill_blind_index(regclass, name, integer, boolean, bigint, boolean) TO manna_crypt_admin;
+COMMENT ON PROCEDURE manna_crypt.backfill_blind_index(regclass, name, integer, boolean, bigint, boolean) IS 'fill a protected column''s blind-index column with terms under the keyring''s active index key, committing per batch (after protect_column or rotate_index_key)';

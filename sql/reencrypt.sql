@@ -6,7 +6,8 @@ CREATE TABLE manna_crypt.reencrypt_runs (
     run_id              bigserial PRIMARY KEY,
     tbl                 regclass NOT NULL,
     col                 name NOT NULL,
-    mode                text NOT NULL CHECK (mode IN ('migrate_fernet', 'rewrap_column', 'encrypt_column')),
+    mode                text NOT NULL CONSTRAINT reencrypt_runs_mode_check
+                        CHECK (mode IN ('migrate_fernet', 'rewrap_column', 'encrypt_column', 'backfill_blind_index')),
     source_keyring      text,
     target_keyring      text NOT NULL,
     batch_size          integer NOT NULL,
@@ -120,6 +121,19 @@ BEGIN
 END
 $$;
 
+-- The blind-index backfill takes its keyring, AAD column, index column,
+-- normalization and bits from the column's protection (protected_columns()).
+CREATE PROCEDURE manna_crypt.backfill_blind_index(
+    tbl regclass, col name,
+    batch_size integer DEFAULT 1000, dry_run boolean DEFAULT false,
+    INOUT run_id bigint DEFAULT NULL, raise_on_failure boolean DEFAULT false)
+LANGUAGE plpgsql AS
+$$
+BEGIN
+    CALL manna_crypt._reencrypt_run('backfill_blind_index', tbl, col, NULL, NULL, batch_size, NULL, dry_run, run_id, raise_on_failure);
+END
+$$;
+
 -- Runs as the caller (who needs SELECT on the table), with a fixed
 -- search_path for itself and the query it builds (see sql/locking.sql).
 CREATE FUNCTION manna_crypt.column_status(tbl regclass, col name)
@@ -201,6 +215,7 @@ COMMENT ON FUNCTION manna_crypt.column_status(regclass, name) IS 'counts of NULL
 COMMENT ON PROCEDURE manna_crypt.migrate_fernet(regclass, name, text, text, integer, name, boolean, bigint, boolean) IS 're-encrypt Fernet tokens in place as AES-256-GCM, committing per batch';
 COMMENT ON PROCEDURE manna_crypt.rewrap_column(regclass, name, text, integer, name, boolean, bigint, boolean) IS 're-encrypt values under older key versions of a keyring with its active key, committing per batch';
 COMMENT ON PROCEDURE manna_crypt.encrypt_column(regclass, name, text, integer, name, boolean, bigint, boolean) IS 'encrypt plaintext values of a column in place, committing per batch';
+COMMENT ON PROCEDURE manna_crypt.backfill_blind_index(regclass, name, integer, boolean, bigint, boolean) IS 'fill a protected column''s blind-index column with terms under the keyring''s active index key, committing per batch (after protect_column or rotate_index_key)';
 COMMENT ON TABLE manna_crypt.reencrypt_runs IS 're-encryption runs and their progress, updated in each batch''s transaction';
 COMMENT ON TABLE manna_crypt.reencrypt_failures IS 'rows a run left untouched, with the reason (never the value)';
 COMMENT ON VIEW manna_crypt.reencrypt_progress IS 're-encryption progress, readable while a run is going on';

@@ -1,6 +1,7 @@
 //! The seal/open service every SQL surface and the re-encryption engine
 //! share: a nonce source per backend, raw keys, keyring keys through the key
-//! cache, Fernet tokens through a Fernet keyring.
+//! cache, Fernet tokens through a Fernet keyring, and blind-index terms
+//! under a keyring's index keys.
 //!
 //! Nonces: each backend (and each parallel worker, a separate process) draws
 //! from its own generator, reseeded whenever the process id changes (see
@@ -9,6 +10,7 @@
 use std::cell::RefCell;
 
 use manna_crypt_core::aead::{self, Cipher};
+use manna_crypt_core::blind::{self, Normalize};
 use manna_crypt_core::envelope::{self, Envelope};
 use manna_crypt_core::fernet::Token;
 use manna_crypt_core::nonce::{NonceSource, NONCE_LEN};
@@ -199,4 +201,56 @@ pub fn open_parsed_token(token: &Token, keyring: &str) -> McResult<Zeroizing<Vec
     let keys = cache::fernet_keys(keyring)?;
     let (_, plaintext) = token.decrypt(keys.iter().map(|(_, k)| k))?;
     Ok(plaintext)
+}
+
+/// How a blind-index term is computed: the normalization and how many MAC
+/// bytes it keeps, from the SQL arguments `normalize` and `bits` (22023 for
+/// anything else).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TermShape {
+    pub normalize: Normalize,
+    pub mac_len: usize,
+}
+
+impl TermShape {
+    pub fn parse(normalize: &str, bits: i32) -> McResult<TermShape> {
+        let normalize = Normalize::parse(normalize).map_err(|_| McError::BadArgument {
+            message: format!("unknown normalization \"{normalize}\""),
+            detail: None,
+            hint: Some(format!("use one of: {}", Normalize::NAMES)),
+        })?;
+        let mac_len = blind::mac_bytes(bits).map_err(|_| McError::BadArgument {
+            message: "bits must be a multiple of 8 between 8 and 256".into(),
+            detail: Some(format!("bits is {bits}")),
+            hint: None,
+        })?;
+        Ok(TermShape { normalize, mac_len })
+    }
+}
+
+/// The blind-index term of `value` under the keyring's active index key.
+pub fn index_term(keyring: &str, shape: TermShape, value: &str) -> McResult<Vec<u8>> {
+    let ring = cache::index_ring(keyring)?;
+    match ring.live.first() {
+        Some(key) if ring.has_active => Ok(key.term(shape.normalize, value, shape.mac_len)),
+        _ => Err(McError::WrongState {
+            message: format!("keyring \"{keyring}\" has no active blind-index key"),
+            detail: Some("its active index key was revoked".into()),
+            hint: Some(format!(
+                "create one with SELECT manna_crypt.rotate_index_key('{keyring}')"
+            )),
+        }),
+    }
+}
+
+/// The terms of `value` under every live index key of the keyring, the
+/// active key's first: what a lookup compares against while a rotation's
+/// backfill is under way.
+pub fn index_terms_all(keyring: &str, shape: TermShape, value: &str) -> McResult<Vec<Vec<u8>>> {
+    let ring = cache::index_ring(keyring)?;
+    Ok(ring
+        .live
+        .iter()
+        .map(|key| key.term(shape.normalize, value, shape.mac_len))
+        .collect())
 }

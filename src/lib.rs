@@ -15,6 +15,7 @@
 use pgrx::prelude::*;
 
 mod any;
+mod blind;
 mod crypto;
 mod error;
 mod fernet;

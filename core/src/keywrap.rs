@@ -37,11 +37,34 @@ const V2_AAD_LABEL: &[u8] = b"manna_crypt/data-key/v2";
 /// Both versions have the same length: version byte, nonce, key, tag.
 pub const WRAPPED_LEN: usize = 1 + 12 + 32 + 16;
 
-/// The kinds of data key a keyring holds.
+/// The kinds of key a keyring holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyKind {
     Gcm,
     Fernet,
+    /// A blind-index key (see [`crate::blind`]): never encrypts.
+    Index,
+}
+
+impl KeyKind {
+    /// The byte bound into a wrapped key's associated data; also how the
+    /// key tables' queries spell the kind.
+    pub fn code(self) -> u8 {
+        match self {
+            KeyKind::Gcm => b'g',
+            KeyKind::Fernet => b'f',
+            KeyKind::Index => b'i',
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<KeyKind> {
+        match code {
+            "g" => Some(KeyKind::Gcm),
+            "f" => Some(KeyKind::Fernet),
+            "i" => Some(KeyKind::Index),
+            _ => None,
+        }
+    }
 }
 
 /// Where a wrapped key belongs: bound into its associated data.
@@ -57,10 +80,7 @@ fn v2_aad(slot: &Slot<'_>) -> Vec<u8> {
     let mut aad = Vec::with_capacity(V2_AAD_LABEL.len() + 6 + name.len());
     aad.extend_from_slice(V2_AAD_LABEL);
     aad.extend_from_slice(&slot.key_id.to_be_bytes());
-    aad.push(match slot.kind {
-        KeyKind::Gcm => b'g',
-        KeyKind::Fernet => b'f',
-    });
+    aad.push(slot.kind.code());
     // Keyring names are at most 63 bytes (crate::names).
     aad.push(name.len().min(255) as u8);
     aad.extend_from_slice(name);

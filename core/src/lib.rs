@@ -6,6 +6,7 @@
 //!
 //! - [`envelope`]: the version-1 ciphertext format (binary and `mc1:` text form);
 //! - [`aead`]: AES-256-GCM seal/open with the envelope header bound into the AAD;
+//! - [`blind`]: blind index terms (keyed HMAC-SHA256 of normalized values);
 //! - [`budget`]: the nonce budget of a data key, blocks and durable marks
 //!   for counting encryptions, and the counter file format;
 //! - [`nonce`]: per-process CSPRNG for 96-bit nonces, safe across `fork()`;
@@ -16,6 +17,7 @@
 //! - [`classify`]: what a stored text value is (ciphertext, token, plaintext).
 
 pub mod aead;
+pub mod blind;
 pub mod budget;
 pub mod classify;
 pub mod envelope;

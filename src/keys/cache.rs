@@ -23,6 +23,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use manna_crypt_core::aead::Cipher;
+use manna_crypt_core::blind::BlindKey;
 use manna_crypt_core::fernet::FernetKey;
 use manna_crypt_core::keywrap::{self, KeyKind, Slot};
 use manna_crypt_core::names::check_keyring_name;
@@ -32,7 +33,7 @@ use pgrx::prelude::*;
 
 use super::counters::Kind;
 use super::rootkey;
-use super::store::{self, Status};
+use super::store::{self, Purpose, Status};
 use super::tally::{self, Tally};
 use crate::error::{McError, McResult};
 use crate::pg::security::{self, run_as, Identity};
@@ -41,6 +42,7 @@ enum KeyEntry {
     Usable { cipher: Rc<Cipher> },
     Unusable { keyring: String, status: Status },
     Fernet { keyring: String },
+    Index { keyring: String },
     Missing,
 }
 
@@ -60,10 +62,25 @@ enum RingEntry {
     Missing,
 }
 
+/// A keyring's blind-index keys that lookups match, newest first; the
+/// first is the active one (which computes new terms) when `has_active`.
+pub struct IndexRing {
+    pub live: Vec<BlindKey>,
+    pub has_active: bool,
+}
+
+enum IndexEntry {
+    Keys(Rc<IndexRing>),
+    NoKeys,
+    Fernet,
+    Missing,
+}
+
 #[derive(Default)]
 struct State {
     by_id: HashMap<u32, KeyEntry>,
     rings: HashMap<String, RingEntry>,
+    index_rings: HashMap<String, IndexEntry>,
 }
 
 thread_local! {
@@ -186,6 +203,11 @@ pub fn key_for_decrypt(key_id: u32) -> McResult<Rc<Cipher>> {
         KeyEntry::Usable { cipher } => Ok(cipher.clone()),
         KeyEntry::Unusable { keyring, status } => Err(unusable_error(key_id, keyring, *status)),
         KeyEntry::Fernet { keyring } => Err(fernet_key_id(key_id, keyring)),
+        KeyEntry::Index { keyring } => Err(McError::BadArgument {
+            message: format!("key {key_id} is a blind-index key of keyring \"{keyring}\""),
+            detail: Some("blind-index keys compute index terms and never decrypt".into()),
+            hint: None,
+        }),
         KeyEntry::Missing => Err(unknown_key(key_id)),
     };
     if let Some(result) = STATE.with(|s| s.borrow().by_id.get(&key_id).map(answer)) {
@@ -210,10 +232,18 @@ fn load_key(key_id: u32) -> McResult<KeyEntry> {
     let Some(row) = store::key_by_id(key_id)? else {
         return Ok(KeyEntry::Missing);
     };
-    if row.fernet {
-        return Ok(KeyEntry::Fernet {
-            keyring: row.keyring,
-        });
+    match row.kind {
+        KeyKind::Fernet => {
+            return Ok(KeyEntry::Fernet {
+                keyring: row.keyring,
+            })
+        }
+        KeyKind::Index => {
+            return Ok(KeyEntry::Index {
+                keyring: row.keyring,
+            })
+        }
+        KeyKind::Gcm => {}
     }
     let slot = Slot {
         key_id,
@@ -241,11 +271,7 @@ pub fn material(key_id: u32) -> McResult<Option<(KeyKind, Key32)>> {
     let Some(wrapped) = &row.wrapped else {
         return Ok(None);
     };
-    let kind = if row.fernet {
-        KeyKind::Fernet
-    } else {
-        KeyKind::Gcm
-    };
+    let kind = row.kind;
     let slot = Slot {
         key_id,
         kind,
@@ -311,7 +337,7 @@ fn load_ring(keyring: &str) -> McResult<RingEntry> {
     // An invalid name is a bad argument (22023), not an unknown keyring.
     check_keyring_name(keyring)?;
     resolve_data_keys_oid()?;
-    let Some(ring) = store::ring_by_name(keyring)? else {
+    let Some(ring) = store::ring_by_name(keyring, Purpose::Data)? else {
         return Ok(RingEntry::Missing);
     };
     let slot = |key_id| Slot {
@@ -342,6 +368,57 @@ fn load_ring(keyring: &str) -> McResult<RingEntry> {
         })),
         None => Ok(RingEntry::NoActive),
     }
+}
+
+/// A keyring's live blind-index keys (at least one).
+pub fn index_ring(keyring: &str) -> McResult<Rc<IndexRing>> {
+    check_stale();
+    let answer = |e: &IndexEntry| match e {
+        IndexEntry::Keys(ring) => Ok(ring.clone()),
+        IndexEntry::NoKeys => Err(McError::WrongState {
+            message: format!("keyring \"{keyring}\" has no blind-index key"),
+            detail: None,
+            hint: Some(format!(
+                "create one with SELECT manna_crypt.rotate_index_key('{keyring}')"
+            )),
+        }),
+        IndexEntry::Fernet => Err(McError::bad_arg(format!(
+            "keyring \"{keyring}\" is a Fernet keyring, which has no blind-index keys"
+        ))),
+        IndexEntry::Missing => Err(McError::unknown_keyring(keyring)),
+    };
+    if let Some(result) = STATE.with(|s| s.borrow().index_rings.get(keyring).map(answer)) {
+        return result;
+    }
+    let entry = run_as(Identity::ExtensionOwner, || load_index_ring(keyring))?;
+    let result = answer(&entry);
+    STATE.with(|s| s.borrow_mut().index_rings.insert(keyring.to_owned(), entry));
+    result
+}
+
+fn load_index_ring(keyring: &str) -> McResult<IndexEntry> {
+    check_keyring_name(keyring)?;
+    resolve_data_keys_oid()?;
+    let Some(ring) = store::ring_by_name(keyring, Purpose::Index)? else {
+        return Ok(IndexEntry::Missing);
+    };
+    if ring.fernet {
+        return Ok(IndexEntry::Fernet);
+    }
+    if ring.keys.is_empty() {
+        return Ok(IndexEntry::NoKeys);
+    }
+    let mut live = Vec::with_capacity(ring.keys.len());
+    for (id, _, wrapped) in &ring.keys {
+        let slot = Slot {
+            key_id: *id,
+            kind: KeyKind::Index,
+            keyring,
+        };
+        live.push(BlindKey::new(&unwrap_key(&slot, wrapped)?, *id, keyring));
+    }
+    let has_active = ring.keys[0].1 == Status::Active;
+    Ok(IndexEntry::Keys(Rc::new(IndexRing { live, has_active })))
 }
 
 /// SQL hook for the statement triggers on the key tables: queue a relcache

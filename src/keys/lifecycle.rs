@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::budget;
 use super::cache;
-use super::store::{self, KeyLock, Status};
+use super::store::{self, KeyLock, Purpose, Status};
 use super::usage;
 use super::wrapping::{insert_key, NewVersion};
 use crate::error::{not_null, McError, McResult, OrRaise};
@@ -102,7 +102,7 @@ fn existing(name: &str, if_not_exists: bool) -> McResult<i32> {
             "keyring \"{name}\" already exists as a Fernet keyring"
         )));
     }
-    let key_id = store::active_key_id(ring.keyring_id)?.ok_or_else(|| McError::WrongState {
+    let key_id = store::active_key_id(ring.keyring_id, Purpose::Data)?.ok_or_else(|| McError::WrongState {
         message: format!("keyring \"{name}\" has no active key"),
         detail: None,
         hint: Some(format!(
@@ -150,8 +150,8 @@ fn rotate(name: &str, role: &str, reason: &str) -> McResult<i32> {
             ),
         });
     }
-    let old = store::retire_active(ring.keyring_id)?;
-    let version = store::next_version(ring.keyring_id)?;
+    let old = store::retire_active(ring.keyring_id, Purpose::Data)?;
+    let version = store::next_version(ring.keyring_id, Purpose::Data)?;
     let new = NewVersion {
         keyring_id: ring.keyring_id,
         keyring: name,
@@ -241,7 +241,8 @@ fn refuse_if_in_use(key_id: i32, action: &str, force: bool) -> McResult<()> {
         message: format!("key {key_id} is still used by registered columns"),
         detail: Some(list),
         hint: Some(format!(
-            "re-encrypt those columns first (CALL manna_crypt.rewrap_column(...)), \
+            "re-encrypt those columns first (CALL manna_crypt.rewrap_column(...); a \
+             blind-index column: CALL manna_crypt.backfill_blind_index(...)), \
              or {action} with force => true"
         )),
     })
@@ -403,7 +404,7 @@ pub(super) fn import_fernet(keyring: &str, key: &FernetKey, role: &str) -> McRes
             return Ok(*dup as i32);
         }
     }
-    let version = store::next_version(ring.keyring_id)?;
+    let version = store::next_version(ring.keyring_id, Purpose::Data)?;
     let new = NewVersion {
         keyring_id: ring.keyring_id,
         keyring,

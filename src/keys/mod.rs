@@ -24,6 +24,7 @@
 //! - [`usage`]: registered columns and how many values a key still protects;
 //! - [`wrapping`]: wrapping new data keys, and `rewrap_keys()`;
 //! - [`lifecycle`]: create, rotate, revoke, reinstate, destroy, import;
+//! - [`indexkeys`]: blind-index keys: creation and rotation;
 //! - [`secret_file`]: reading a secret from a strictly owned server file;
 //! - [`import`]: Fernet keys imported from a server file (no SQL text);
 //! - [`info`]: the `info()` overview.
@@ -35,6 +36,7 @@ pub mod cache;
 pub mod counters;
 pub mod countfile;
 pub mod import;
+pub mod indexkeys;
 pub mod info;
 pub mod lifecycle;
 pub mod root_command;

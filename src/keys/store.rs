@@ -14,6 +14,7 @@ use pgrx::datum::Interval;
 use pgrx::pg_sys;
 use pgrx::JsonB;
 
+use manna_crypt_core::keywrap::KeyKind;
 use manna_crypt_core::names::check_keyring_name;
 
 use super::staged::{run_with_secret, with_last};
@@ -56,8 +57,24 @@ const DATA_KEYS_OID: &str = "SELECT 'manna_crypt.data_keys'::pg_catalog.regclass
 
 const STORED_CHECK: &str = "SELECT check_value, fingerprint FROM manna_crypt.root_key_check";
 
+/// How the queries spell a key's [`KeyKind`] (its code).
+const KIND: &str = "\
+    CASE WHEN {purpose} = 'index' THEN 'i' WHEN r.kind = 'fernet' THEN 'f' ELSE 'g' END";
+
+/// A key's purpose (`k` being its data_keys row). 0.1.0's catalog has no
+/// purpose column, and between a library upgrade and `ALTER EXTENSION
+/// UPDATE` this library serves it: there every key is a data key. Read as a
+/// field of the whole row, the column is optional.
+const PURPOSE: &str = "\
+    coalesce(pg_catalog.to_jsonb(k) OPERATOR(pg_catalog.->>) 'purpose', 'data')";
+
+/// A statement with `{kind}` and `{purpose}` spelled out.
+fn sql(statement: &str) -> String {
+    statement.replace("{kind}", KIND).replace("{purpose}", PURPOSE)
+}
+
 const KEY_BY_ID: &str = "\
-    SELECT r.name, r.kind, k.status, k.wrapped \
+    SELECT r.name, {kind}, k.status, k.wrapped \
       FROM manna_crypt.data_keys k JOIN manna_crypt.keyrings r USING (keyring_id) \
      WHERE k.key_id = $1";
 
@@ -66,6 +83,7 @@ const RING_BY_NAME: &str = "\
       FROM manna_crypt.keyrings r \
       LEFT JOIN manna_crypt.data_keys k ON k.keyring_id = r.keyring_id \
            AND k.status IN ('active', 'decrypt_only') \
+           AND {purpose} = $2 \
      WHERE r.name = $1 ORDER BY k.version DESC";
 
 const RING_KEY_IDS: &str = "\
@@ -99,21 +117,41 @@ fn check_row(r: &spi::Row) -> McResult<StoredCheck> {
 /// A data key as the cache needs it.
 pub struct KeyRow {
     pub keyring: String,
-    pub fernet: bool,
+    pub kind: KeyKind,
     pub status: Status,
     pub wrapped: Option<Vec<u8>>,
 }
 
 pub fn key_by_id(key_id: u32) -> McResult<Option<KeyRow>> {
-    let rows = spi::rows(Mode::Read, KEY_BY_ID, &[i64::from(key_id).into()], |r| {
+    let rows = spi::rows(Mode::Read, &sql(KEY_BY_ID), &[i64::from(key_id).into()], |r| {
         Ok(KeyRow {
             keyring: r.req(1)?,
-            fernet: r.req::<String>(2)? == "fernet",
+            kind: kind(&r.req::<String>(2)?)?,
             status: Status::parse(&r.req::<String>(3)?),
             wrapped: r.get(4)?,
         })
     })?;
     Ok(rows.into_iter().next())
+}
+
+fn kind(code: &str) -> McResult<KeyKind> {
+    KeyKind::from_code(code).ok_or_else(|| McError::Internal(format!("unknown key kind {code}")))
+}
+
+/// Which keys of a keyring: its data keys or its blind-index keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    Data,
+    Index,
+}
+
+impl Purpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Data => "data",
+            Purpose::Index => "index",
+        }
+    }
 }
 
 /// A keyring's usable keys (active and decrypt_only), newest first.
@@ -124,9 +162,10 @@ pub struct RingRows {
 }
 
 /// `None` when the keyring does not exist.
-pub fn ring_by_name(name: &str) -> McResult<Option<RingRows>> {
+pub fn ring_by_name(name: &str, purpose: Purpose) -> McResult<Option<RingRows>> {
     type Raw = (String, Option<i64>, Option<String>, Option<Vec<u8>>);
-    let raw: Vec<Raw> = spi::rows(Mode::Read, RING_BY_NAME, &[name.into()], |r| {
+    let args = [name.into(), purpose.as_str().into()];
+    let raw: Vec<Raw> = spi::rows(Mode::Read, &sql(RING_BY_NAME), &args, |r| {
         Ok((r.req(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
     })?;
     let Some(first) = raw.first() else {
@@ -165,10 +204,17 @@ const REPLACE_CHECK: &str = "\
 
 const NEXT_KEY_ID: &str = "SELECT nextval('manna_crypt.key_id_seq')::int4";
 
+/// A data key is inserted without naming `purpose` (its default), so that
+/// this works on 0.1.0's catalog too (see [`PURPOSE`]).
 const INSERT_KEY: &str = "\
     INSERT INTO manna_crypt.data_keys \
            (key_id, keyring_id, version, status, wrapped, root_fingerprint) \
     VALUES ($1, $2, $3, $4, manna_crypt._staged_secret(), $5)";
+
+const INSERT_INDEX_KEY: &str = "\
+    INSERT INTO manna_crypt.data_keys \
+           (key_id, keyring_id, version, status, wrapped, root_fingerprint, purpose) \
+    VALUES ($1, $2, $3, $4, manna_crypt._staged_secret(), $5, 'index')";
 
 const INSERT_GCM_RING: &str = "\
     INSERT INTO manna_crypt.keyrings (name, kind, rotation_period, created_by) \
@@ -183,14 +229,16 @@ const LOCK_RING: &str = "\
     SELECT keyring_id, kind FROM manna_crypt.keyrings WHERE name = $1 FOR UPDATE";
 
 const ACTIVE_KEY_ID: &str = "\
-    SELECT key_id FROM manna_crypt.data_keys WHERE keyring_id = $1 AND status = 'active'";
+    SELECT k.key_id FROM manna_crypt.data_keys k \
+     WHERE k.keyring_id = $1 AND k.status = 'active' AND {purpose} = $2";
 
 const NEXT_VERSION: &str = "\
-    SELECT coalesce(max(version), 0) + 1 FROM manna_crypt.data_keys WHERE keyring_id = $1";
+    SELECT coalesce(max(k.version), 0) + 1 FROM manna_crypt.data_keys k \
+     WHERE k.keyring_id = $1 AND {purpose} = $2";
 
 const RETIRE_ACTIVE: &str = "\
-    UPDATE manna_crypt.data_keys SET status = 'decrypt_only', status_changed_at = now() \
-     WHERE keyring_id = $1 AND status = 'active' RETURNING key_id";
+    UPDATE manna_crypt.data_keys k SET status = 'decrypt_only', status_changed_at = now() \
+     WHERE k.keyring_id = $1 AND k.status = 'active' AND {purpose} = $2 RETURNING k.key_id";
 
 const MARK_ROTATED: &str =
     "UPDATE manna_crypt.keyrings SET rotated_at = now() WHERE keyring_id = $1";
@@ -204,7 +252,7 @@ const DUE_RINGS: &str = "\
 const ACTIVE_GCM_KEYS: &str = "\
     SELECT r.name, k.key_id FROM manna_crypt.keyrings r \
       JOIN manna_crypt.data_keys k USING (keyring_id) \
-     WHERE r.kind = 'gcm' AND k.status = 'active' \
+     WHERE r.kind = 'gcm' AND k.status = 'active' AND {purpose} = 'data' \
      ORDER BY r.name";
 
 const SET_PERIOD: &str =
@@ -225,7 +273,7 @@ const SHRED: &str = "\
 
 // `Write`, not `Read`: a read-only statement cannot lock rows.
 const LOCK_ALL_WRAPPED: &str = "\
-    SELECT k.key_id, r.name, r.kind = 'fernet', k.wrapped \
+    SELECT k.key_id, r.name, {kind}, k.wrapped \
       FROM manna_crypt.data_keys k JOIN manna_crypt.keyrings r USING (keyring_id) \
      WHERE k.wrapped IS NOT NULL ORDER BY k.key_id FOR UPDATE OF k";
 
@@ -268,10 +316,15 @@ pub struct NewKey<'a> {
     pub status: Status,
     pub wrapped: Vec<u8>,
     pub root_fingerprint: &'a str,
+    pub purpose: Purpose,
 }
 
 pub fn insert_key(k: NewKey<'_>) -> McResult<()> {
-    run_with_secret(INSERT_KEY, &k.wrapped, |s| {
+    let statement = match k.purpose {
+        Purpose::Data => INSERT_KEY,
+        Purpose::Index => INSERT_INDEX_KEY,
+    };
+    run_with_secret(statement, &k.wrapped, |s| {
         let args = vec![
             k.key_id.into(),
             k.keyring_id.into(),
@@ -321,18 +374,23 @@ pub fn lock_ring(name: &str) -> McResult<RingLock> {
     .ok_or_else(|| McError::unknown_keyring(name))
 }
 
-/// The keyring's active key id, if it has one.
-pub fn active_key_id(keyring_id: i32) -> McResult<Option<i32>> {
-    spi::one::<i32>(Mode::Write, ACTIVE_KEY_ID, &[keyring_id.into()])
+/// The keyring's active key id of that purpose, if it has one.
+pub fn active_key_id(keyring_id: i32, purpose: Purpose) -> McResult<Option<i32>> {
+    let args = [keyring_id.into(), purpose.as_str().into()];
+    spi::one::<i32>(Mode::Write, &sql(ACTIVE_KEY_ID), &args)
 }
 
-pub fn next_version(keyring_id: i32) -> McResult<i32> {
-    Ok(spi::one::<i32>(Mode::Write, NEXT_VERSION, &[keyring_id.into()])?.unwrap_or(1))
+pub fn next_version(keyring_id: i32, purpose: Purpose) -> McResult<i32> {
+    let args = [keyring_id.into(), purpose.as_str().into()];
+    Ok(spi::one::<i32>(Mode::Write, &sql(NEXT_VERSION), &args)?.unwrap_or(1))
 }
 
-/// Makes the active key `decrypt_only`; returns its id, if there was one.
-pub fn retire_active(keyring_id: i32) -> McResult<Option<i32>> {
-    spi::one::<i32>(Mode::Write, RETIRE_ACTIVE, &[keyring_id.into()])
+/// Makes the active key of that purpose `decrypt_only` (for an index key:
+/// still matched by lookups, no longer used for new terms); returns its
+/// id, if there was one.
+pub fn retire_active(keyring_id: i32, purpose: Purpose) -> McResult<Option<i32>> {
+    let args = [keyring_id.into(), purpose.as_str().into()];
+    spi::one::<i32>(Mode::Write, &sql(RETIRE_ACTIVE), &args)
 }
 
 pub fn mark_rotated(keyring_id: i32) -> McResult<()> {
@@ -346,7 +404,7 @@ pub fn due_rings() -> McResult<Vec<String>> {
 
 /// Every AES-GCM keyring with its active key's id.
 pub fn active_gcm_keys() -> McResult<Vec<(String, i32)>> {
-    spi::rows(Mode::Read, ACTIVE_GCM_KEYS, &[], |r| {
+    spi::rows(Mode::Read, &sql(ACTIVE_GCM_KEYS), &[], |r| {
         Ok((r.req(1)?, r.req(2)?))
     })
 }
@@ -386,17 +444,17 @@ pub fn shred(key_id: i32) -> McResult<()> {
 pub struct WrappedRow {
     pub key_id: i32,
     pub keyring: String,
-    pub fernet: bool,
+    pub kind: KeyKind,
     pub wrapped: Vec<u8>,
 }
 
 /// Every wrapped key, locked until commit.
 pub fn lock_all_wrapped() -> McResult<Vec<WrappedRow>> {
-    spi::rows(Mode::Write, LOCK_ALL_WRAPPED, &[], |r| {
+    spi::rows(Mode::Write, &sql(LOCK_ALL_WRAPPED), &[], |r| {
         Ok(WrappedRow {
             key_id: r.req(1)?,
             keyring: r.req(2)?,
-            fernet: r.req(3)?,
+            kind: kind(&r.req::<String>(3)?)?,
             wrapped: r.req(4)?,
         })
     })

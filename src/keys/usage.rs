@@ -80,10 +80,23 @@ const KEY_COLUMNS: &str = "\
       JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace \
       JOIN pg_catalog.pg_attribute a ON a.attrelid = r.oid AND a.attname = t.col \
        AND a.attnum > 0 AND NOT a.attisdropped \
-       AND (a.atttypid IN ('text'::pg_catalog.regtype, 'varchar'::pg_catalog.regtype) \
-            OR a.atttypid IN (SELECT enc.t FROM enc)) \
+       AND {types} \
      WHERE r.relpersistence <> 't' OR r.relnamespace = pg_catalog.pg_my_temp_schema() \
      ORDER BY 1, 2";
+
+/// The column types [`KEY_COLUMNS`] looks at for data keys.
+const TEXT_TYPES: &str = "\
+    (a.atttypid IN ('text'::pg_catalog.regtype, 'varchar'::pg_catalog.regtype) \
+     OR a.atttypid IN (SELECT enc.t FROM enc))";
+
+/// ... and for blind-index keys: the registered blind-index columns.
+const INDEX_TYPES: &str = "a.atttypid = 'bytea'::pg_catalog.regtype";
+
+/// Counts one blind-index column's terms under one index key: $1 is the
+/// terms' first bytes (format and key id, see `manna_crypt_core::blind`).
+const COUNT_INDEX: &str = "\
+    SELECT pg_catalog.count(*) FROM ONLY {tbl} \
+     WHERE pg_catalog.substr({col}, 1, 5) OPERATOR(pg_catalog.=) $1";
 
 /// Counts one column's values under one AES-GCM key; `{tbl}` and `{col}`
 /// come from [`KEY_COLUMNS`], already quoted.
@@ -120,13 +133,19 @@ fn _fernet_key_signed(token: &str) -> bool {
 }
 
 /// The count for one column, with the probe (if any) in place.
-fn count_column(tbl: &str, col: &str, key_id: i32, fernet: bool) -> McResult<i64> {
+fn count_column(tbl: &str, col: &str, key_id: i32, kind: KeyKind) -> McResult<i64> {
     let fill = |sql: &str| sql.replace("{tbl}", tbl).replace("{col}", col);
     spi::run(&fill(LOCK_SHARE), &[])?;
-    let n = if fernet {
-        spi::one::<i64>(Mode::Write, &fill(COUNT_FERNET), &[])?
-    } else {
-        spi::one::<i64>(Mode::Write, &fill(COUNT_GCM), &[i64::from(key_id).into()])?
+    let n = match kind {
+        KeyKind::Fernet => spi::one::<i64>(Mode::Write, &fill(COUNT_FERNET), &[])?,
+        KeyKind::Gcm => {
+            spi::one::<i64>(Mode::Write, &fill(COUNT_GCM), &[i64::from(key_id).into()])?
+        }
+        KeyKind::Index => {
+            let mut prefix = vec![manna_crypt_core::blind::FORMAT_V1];
+            prefix.extend_from_slice(&(key_id as u32).to_be_bytes());
+            spi::one::<i64>(Mode::Write, &fill(COUNT_INDEX), &[prefix.into()])?
+        }
     };
     Ok(n.unwrap_or(0))
 }
@@ -149,11 +168,13 @@ pub fn key_usage(key_id: i32) -> McResult<Vec<(String, i64)>> {
         let Some(key) = store::key_by_id(key_id as u32)? else {
             return Ok(Vec::new());
         };
-        let probe = match (key.fernet, cache::material(key_id as u32)?) {
-            (true, Some((KeyKind::Fernet, material))) => Some(FernetKey::from_key32(material)),
+        let probe = match (key.kind, cache::material(key_id as u32)?) {
+            (KeyKind::Fernet, Some((KeyKind::Fernet, material))) => {
+                Some(FernetKey::from_key32(material))
+            }
             // A destroyed Fernet key opens nothing any more.
-            (true, _) => return Ok(Vec::new()),
-            (false, _) => None,
+            (KeyKind::Fernet, _) => return Ok(Vec::new()),
+            _ => None,
         };
         struct Unprobe;
         impl Drop for Unprobe {
@@ -163,12 +184,16 @@ pub fn key_usage(key_id: i32) -> McResult<Vec<(String, i64)>> {
         }
         let _unprobe = Unprobe;
         PROBE.with(|p| *p.borrow_mut() = probe);
-        let columns = spi::rows(Mode::Read, KEY_COLUMNS, &[], |r| {
+        let types = match key.kind {
+            KeyKind::Index => INDEX_TYPES,
+            _ => TEXT_TYPES,
+        };
+        let columns = spi::rows(Mode::Read, &KEY_COLUMNS.replace("{types}", types), &[], |r| {
             Ok((r.req::<String>(1)?, r.req::<String>(2)?))
         })?;
         let mut users = Vec::new();
         for (tbl, col) in columns {
-            let n = count_column(&tbl, &col, key_id, key.fernet)?;
+            let n = count_column(&tbl, &col, key_id, key.kind)?;
             if n > 0 {
                 users.push((format!("{tbl}.{col}"), n));
             }
@@ -204,6 +229,13 @@ pub fn check_text_column(tbl: pg_sys::Oid, col: &str) -> McResult<()> {
 /// extension owner.
 pub fn register(tbl: pg_sys::Oid, col: &str) -> McResult<()> {
     check_text_column(tbl, col)?;
+    spi::run(REGISTER, &[tbl.into(), col.into()])
+}
+
+/// Records that `tbl.col` holds blind-index terms (a `bytea` column, checked
+/// by the caller), so the index keys they use cannot be retired under them.
+/// Must run as the extension owner.
+pub fn register_index_column(tbl: pg_sys::Oid, col: &str) -> McResult<()> {
     spi::run(REGISTER, &[tbl.into(), col.into()])
 }
 

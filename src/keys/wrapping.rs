@@ -19,7 +19,7 @@ use serde_json::json;
 use super::cache;
 use super::rootkey::{self, RootKey};
 use super::rootstatus;
-use super::store::{self, NewKey, Status};
+use super::store::{self, NewKey, Purpose, Status};
 use crate::error::{McError, McResult, OrRaise};
 use crate::pg::report::notice;
 use crate::pg::security::{caller_name, run_as, Identity};
@@ -71,6 +71,11 @@ pub fn insert_key(v: NewVersion<'_>, key: &Key32) -> McResult<i32> {
         status: v.status,
         wrapped,
         root_fingerprint: &root.fingerprint,
+        purpose: if v.kind == KeyKind::Index {
+            Purpose::Index
+        } else {
+            Purpose::Data
+        },
     })?;
     Ok(key_id)
 }
@@ -113,11 +118,7 @@ fn rewrap_all(role: &str) -> McResult<i32> {
     for row in &rows {
         let slot = Slot {
             key_id: row.key_id as u32,
-            kind: if row.fernet {
-                KeyKind::Fernet
-            } else {
-                KeyKind::Gcm
-            },
+            kind: row.kind,
             keyring: &row.keyring,
         };
         let key = keywrap::unwrap(&from.key, &slot, &row.wrapped).map_err(|_| {

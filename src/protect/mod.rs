@@ -3,9 +3,14 @@
 //! by a CHECK that refuses anything else.
 //!
 //! - [`rules`]: what happens to one column of one row (pure);
+//! - [`row`]: the trigger's arguments and typed reads of the row;
 //! - [`trigger`]: the `BEFORE INSERT OR UPDATE` trigger that applies it;
+//! - [`config`]: which columns are protected and how (the trigger's
+//!   arguments), `protected_columns()`;
 //! - [`setup`]: `protect_column()` / `unprotect_column()` and the CHECK.
 
+pub mod config;
+pub mod row;
 pub mod rules;
 pub mod setup;
 pub mod trigger;

@@ -14,13 +14,14 @@
 //! before the trigger and refuse the plaintext the trigger is there to
 //! encrypt; a table CHECK runs after BEFORE triggers.
 
-use pgrx::pg_sys;
 use pgrx::prelude::*;
 use serde_json::json;
 
+use super::config::{current_specs, Fields};
 use super::trigger::TRIGGER_NAME;
 use crate::error::{not_null, McError, McResult, OrRaise};
-use crate::keys::{store, usage};
+use crate::crypto::TermShape;
+use crate::keys::{indexkeys, store, usage};
 use crate::pg::datum::Regclass;
 use crate::pg::report;
 use crate::pg::security::{caller_name, run_as, Identity};
@@ -36,10 +37,6 @@ const COLUMN: &str = "\
     SELECT pg_catalog.format_type(a.atttypid, NULL), a.attgenerated <> '' \
       FROM pg_catalog.pg_attribute a \
      WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped";
-
-const TRIGGER_ARGS: &str = "\
-    SELECT t.tgargs FROM pg_catalog.pg_trigger t \
-     WHERE t.tgrelid = $1 AND t.tgname = $2";
 
 const KEYRING_KIND: &str = "SELECT kind FROM manna_crypt.keyrings WHERE name = $1";
 
@@ -130,40 +127,7 @@ pub fn aad_type_error(col: &str) -> McError {
     }
 }
 
-/// The protected columns of the table: (col, keyring, aad) triplets from
-/// the trigger's arguments.
-fn current_specs(tbl: Regclass) -> McResult<Vec<[String; 3]>> {
-    let args = spi::one::<Vec<u8>>(
-        Mode::Read,
-        TRIGGER_ARGS,
-        &[tbl.0.into(), TRIGGER_NAME.into()],
-    )?;
-    let Some(args) = args else {
-        return Ok(Vec::new());
-    };
-    // tgargs holds each argument followed by a NUL byte.
-    let parts: Vec<String> = args
-        .split(|&b| b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    let parts = &parts[..parts.len().saturating_sub(1)];
-    Ok(parts
-        .chunks(3)
-        .filter(|c| c.len() == 3)
-        .map(|c| [c[0].clone(), c[1].clone(), c[2].clone()])
-        .collect())
-}
-
-/// For the re-encryption procedures: `Some(aad)` when `tbl.col` is
-/// protected (`aad` its AAD column, `None` for none), `None` when it is not.
-pub fn protected_aad(tbl: pg_sys::Oid, col: &str) -> McResult<Option<Option<String>>> {
-    Ok(current_specs(Regclass(tbl))?
-        .into_iter()
-        .find(|s| s[0] == col)
-        .map(|[_, _, aad]| (!aad.is_empty()).then_some(aad)))
-}
-
-fn install_trigger(tbl: Regclass, existed: bool, specs: &[[String; 3]]) -> McResult<()> {
+fn install_trigger(tbl: Regclass, existed: bool, specs: &[Fields]) -> McResult<()> {
     if existed {
         ddl(DROP_TRIGGER, &[tbl.0.into(), TRIGGER_NAME.into()])?;
     }
@@ -221,22 +185,74 @@ fn add_check(tbl: Regclass, table: &str, col: &str) -> McResult<()> {
     }
 }
 
+/// A blind-index column to maintain: its name, normalization and bits.
+struct IndexSpec<'a> {
+    col: &'a str,
+    normalize: &'a str,
+    bits: i32,
+}
+
 /// Encrypts every value written to `tbl.col` under `keyring`, bound to the
-/// row's `aad_column`; see README "Protected columns".
+/// row's `aad_column`, and keeps `blind_index_column` (bytea) set to its
+/// blind-index term; see README "Protected columns" and "Blind indexes".
 #[pg_extern(volatile, parallel_unsafe)]
 fn protect_column(
     tbl: Option<Regclass>,
     col: Option<&str>,
     keyring: Option<&str>,
     aad_column: default!(Option<&str>, "NULL"),
+    blind_index_column: default!(Option<&str>, "NULL"),
+    normalization: default!(Option<&str>, "'none'"),
+    bits: default!(Option<i32>, 256),
 ) {
     let tbl = not_null(tbl, "tbl");
     let col = not_null(col, "col");
     let keyring = not_null(keyring, "keyring");
-    protect(tbl, col, keyring, aad_column.filter(|a| !a.is_empty())).or_raise()
+    let index = blind_index_column
+        .filter(|c| !c.is_empty())
+        .map(|c| IndexSpec {
+            col: c,
+            normalize: not_null(normalization, "normalization"),
+            bits: not_null(bits, "bits"),
+        });
+    let aad = aad_column.filter(|a| !a.is_empty());
+    protect(tbl, col, keyring, aad, index).or_raise()
 }
 
-fn protect(tbl: Regclass, col: &str, keyring: &str, aad: Option<&str>) -> McResult<()> {
+/// Checks a blind-index column: another bytea column, not generated.
+fn check_index_column(
+    tbl: Regclass,
+    table: &str,
+    col: &str,
+    aad: Option<&str>,
+    index: &IndexSpec<'_>,
+) -> McResult<()> {
+    TermShape::parse(index.normalize, index.bits)?;
+    if index.col == col || Some(index.col) == aad {
+        return Err(McError::bad_arg(
+            "the blind-index column must be a column of its own",
+        ));
+    }
+    let (ty, generated) = column_type(tbl, table, index.col)?;
+    if ty != "bytea" || generated {
+        return Err(McError::WrongType {
+            message: format!(
+                "blind-index column \"{}\" of table {table} must be a plain bytea column",
+                index.col
+            ),
+            hint: format!("ALTER TABLE {table} ADD COLUMN {}_bidx bytea", col),
+        });
+    }
+    Ok(())
+}
+
+fn protect(
+    tbl: Regclass,
+    col: &str,
+    keyring: &str,
+    aad: Option<&str>,
+    index: Option<IndexSpec<'_>>,
+) -> McResult<()> {
     let table = owned_table(tbl)?;
     let (ty, _) = column_type(tbl, &table, col)?;
     if ty != "text" {
@@ -277,12 +293,18 @@ fn protect(tbl: Regclass, col: &str, keyring: &str, aad: Option<&str>) -> McResu
             )))
         }
     }
+    if let Some(index) = &index {
+        check_index_column(tbl, &table, col, aad, index)?;
+    }
     let mut specs = current_specs(tbl)?;
     let existed = !specs.is_empty();
-    let spec = [
+    let spec: Fields = [
         col.to_owned(),
         keyring.to_owned(),
         aad.unwrap_or("").to_owned(),
+        index.as_ref().map_or("", |i| i.col).to_owned(),
+        index.as_ref().map_or("", |i| i.normalize).to_owned(),
+        index.as_ref().map_or(String::new(), |i| i.bits.to_string()),
     ];
     let changed = match specs.iter_mut().find(|s| s[0] == col) {
         Some(s) if *s == spec => false,
@@ -302,8 +324,40 @@ fn protect(tbl: Regclass, col: &str, keyring: &str, aad: Option<&str>) -> McResu
     let role = caller_name();
     run_as(Identity::ExtensionOwner, || {
         usage::register(tbl.0, col)?;
+        if let Some(index) = &index {
+            // The index key is created with the first blind index, and the
+            // column registered so the key cannot be retired under it.
+            indexkeys::ensure(keyring, &role)?;
+            usage::register_index_column(tbl.0, index.col)?;
+        }
         audit(&role, "protect_column", &table, col, Some((keyring, aad)))
-    })
+    })?;
+    if let Some(index) = &index {
+        notice_unindexed(tbl, &table, col, index.col)?;
+    }
+    Ok(())
+}
+
+const UNINDEXED: &str = "\
+    SELECT pg_catalog.format('SELECT EXISTS (SELECT FROM ONLY %s WHERE %I IS NOT NULL \
+             AND %I IS NULL)', $1::pg_catalog.regclass, $2, $3)";
+
+/// Rows written before the index existed have no term: say how to fill it.
+fn notice_unindexed(tbl: Regclass, table: &str, col: &str, index_col: &str) -> McResult<()> {
+    let sql = spi::one::<String>(
+        Mode::Read,
+        UNINDEXED,
+        &[tbl.0.into(), col.into(), index_col.into()],
+    )?
+    .unwrap_or_default();
+    if spi::one::<bool>(Mode::Read, &sql, &[])?.unwrap_or(false) {
+        report::notice(format!(
+            "rows of {table} written before now have no blind-index term in \"{index_col}\" \
+             and are not found by lookups yet: CALL manna_crypt.backfill_blind_index('{table}', \
+             '{col}')"
+        ));
+    }
+    Ok(())
 }
 
 fn audit(

@@ -2,32 +2,36 @@
 //! `BEFORE INSERT OR UPDATE FOR EACH ROW`, one per table, named
 //! `zz_manna_crypt_protect` so it fires after the table's other BEFORE
 //! triggers (PostgreSQL fires them in name order) and sees the values they
-//! set. Its arguments are triplets, one per protected column: the column,
-//! the keyring, the AAD column ('' for none). Being the trigger's arguments,
-//! they travel with the table through pg_dump and need no lookup per row.
+//! set. Its arguments are six per protected column (see [`super::row`]):
+//! the column, the keyring, the AAD column, the blind-index column and its
+//! normalization and bits. Being the trigger's arguments, they travel with
+//! the table through pg_dump and need no lookup per row.
 //!
 //! Per column, [`super::rules::decide`] says what to do; this file reads
-//! the row, runs the crypto and writes the result back. No SQL runs here
+//! the row, runs the crypto and writes the result back. A blind-index
+//! column is always set from the plaintext — computed by the trigger, never
+//! taken from the writer — whenever the row is inserted or its value, its
+//! AAD or the index column itself is written; a written ciphertext is
+//! decrypted (under the row's AAD) to compute it. No SQL runs here
 //! and no code of the table's owner or of the writer: the keys come from
 //! the key cache, which reads the key tables as the extension owner.
 
 use std::cell::RefCell;
-use std::ffi::CStr;
 
 use manna_crypt_core::classify::classify;
 use manna_crypt_core::envelope;
 use pgrx::heap_tuple::PgHeapTuple;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use pgrx::{AllocatedByPostgres, FromDatum, IntoDatum, PgTupleDesc};
+use pgrx::{AllocatedByPostgres, IntoDatum, PgTupleDesc};
+use zeroize::Zeroizing;
 
+use super::row::{misuse, specs, Row, Spec};
 use super::rules::{decide, Action, From, Update, Write};
 use crate::crypto::{self, Form, KeySource};
 use crate::error::{McError, McResult, OrRaise};
 
 pub const TRIGGER_NAME: &str = "zz_manna_crypt_protect";
-
-const HINT: &str = "install it with manna_crypt.protect_column(tbl, col, keyring, aad_column)";
 
 extension_sql!(
     r#"CREATE FUNCTION manna_crypt."_protect"() RETURNS trigger
@@ -69,48 +73,6 @@ pub unsafe extern "C-unwind" fn _protect_wrapper(
     datum
 }
 
-fn misuse(message: &str) -> McError {
-    McError::TriggerMisuse {
-        message: message.into(),
-        hint: HINT.into(),
-    }
-}
-
-/// One protected column, from the trigger's arguments.
-struct Spec<'a> {
-    col: &'a CStr,
-    keyring: &'a str,
-    aad: Option<&'a CStr>,
-}
-
-fn specs(td: &pg_sys::TriggerData) -> McResult<Vec<Spec<'_>>> {
-    // SAFETY: tg_trigger is valid for the call; tgargs holds tgnargs
-    // NUL-terminated strings owned by the relcache entry for that long.
-    let args: Vec<&CStr> = unsafe {
-        let trig = &*td.tg_trigger;
-        let n = usize::try_from(trig.tgnargs).unwrap_or(0);
-        (0..n)
-            .map(|i| CStr::from_ptr(*trig.tgargs.add(i)))
-            .collect()
-    };
-    if args.is_empty() || !args.len().is_multiple_of(3) {
-        return Err(misuse(
-            "manna_crypt._protect() takes (column, keyring, aad_column) triplets",
-        ));
-    }
-    args.chunks(3)
-        .map(|t| {
-            let keyring = t[1]
-                .to_str()
-                .map_err(|_| misuse("manna_crypt._protect(): keyring name is not UTF-8"))?;
-            Ok(Spec {
-                col: t[0],
-                keyring,
-                aad: (!t[2].is_empty()).then_some(t[2]),
-            })
-        })
-        .collect()
-}
 
 /// The ciphertext this backend's BEFORE INSERT trigger produced last, with
 /// the AAD it is bound to. An `INSERT ... ON CONFLICT DO UPDATE SET col =
@@ -132,98 +94,6 @@ thread_local! {
 fn statement_start() -> pg_sys::TimestampTz {
     // SAFETY: no preconditions.
     unsafe { pg_sys::GetCurrentStatementStartTimestamp() }
-}
-
-/// The relation, its descriptor and the tuples the trigger works on.
-struct Row<'t, 'f> {
-    trigger: &'t PgTrigger<'f>,
-    tupdesc: pg_sys::TupleDesc,
-    relid: pg_sys::Oid,
-    new: pg_sys::HeapTuple,
-    old: Option<pg_sys::HeapTuple>,
-}
-
-impl Row<'_, '_> {
-    fn table(&self) -> String {
-        self.trigger.table_name().unwrap_or_else(|_| "?".into())
-    }
-
-    /// The column's number and type, looked up in the descriptor itself
-    /// (per row, without a call into PostgreSQL).
-    fn attnum(&self, col: &CStr, what: &str) -> McResult<(i32, pg_sys::Oid)> {
-        // SAFETY: the relation's descriptor, valid for the trigger call; not
-        // released on drop (unchecked).
-        let desc = unsafe { PgTupleDesc::from_pg_unchecked(self.tupdesc) };
-        let found = desc.iter().enumerate().find(|(_, att)| {
-            // SAFETY: attname is a NUL-terminated NameData.
-            !att.attisdropped && unsafe { CStr::from_ptr(att.attname.data.as_ptr()) } == col
-        });
-        let Some((i, att)) = found else {
-            return Err(McError::UndefinedColumn {
-                message: format!(
-                    "{what} \"{}\" of protected table \"{}\" does not exist",
-                    col.to_string_lossy(),
-                    self.table()
-                ),
-                hint: "after renaming a column, run manna_crypt.protect_column() again with \
-                       its new name"
-                    .into(),
-            });
-        };
-        Ok((i as i32 + 1, att.atttypid))
-    }
-
-    fn datum(&self, tuple: pg_sys::HeapTuple, attnum: i32) -> Option<pg_sys::Datum> {
-        let mut isnull = false;
-        // SAFETY: the trigger's tuples match the relation's descriptor.
-        let d = unsafe { pg_sys::heap_getattr(tuple, attnum, self.tupdesc, &mut isnull) };
-        (!isnull).then_some(d)
-    }
-
-    /// A text column's value, borrowed from the tuple (detoasted in the
-    /// trigger's memory context if need be), which outlives the call.
-    fn text(&self, tuple: pg_sys::HeapTuple, attnum: i32) -> Option<&'static str> {
-        let d = self.datum(tuple, attnum)?;
-        // SAFETY: a non-NULL datum of a text column (checked by the caller);
-        // the tuple and any detoasted copy live until the trigger returns.
-        unsafe { <&str>::from_polymorphic_datum(d, false, pg_sys::TEXTOID) }
-    }
-
-    /// The AAD column's value as text, in a form that does not depend on
-    /// session settings (integers, text, uuid only).
-    fn aad(&self, tuple: pg_sys::HeapTuple, spec: &Spec<'_>) -> McResult<Option<String>> {
-        let Some(aad_col) = spec.aad else {
-            return Ok(None);
-        };
-        let (attnum, typoid) = self.attnum(aad_col, "AAD column")?;
-        let Some(d) = self.datum(tuple, attnum) else {
-            return Err(McError::NullValue {
-                message: format!(
-                    "AAD column \"{}\" of protected column \"{}\" is NULL",
-                    aad_col.to_string_lossy(),
-                    spec.col.to_string_lossy()
-                ),
-                hint: "a protected value is bound to its row's AAD column, which must not be NULL"
-                    .into(),
-            });
-        };
-        // SAFETY: `d` is a non-NULL datum of type `typoid`.
-        let text = unsafe {
-            match typoid {
-                pg_sys::INT2OID => (d.value() as i16).to_string(),
-                pg_sys::INT4OID => (d.value() as i32).to_string(),
-                pg_sys::INT8OID => (d.value() as i64).to_string(),
-                pg_sys::TEXTOID | pg_sys::VARCHAROID => {
-                    String::from_polymorphic_datum(d, false, typoid).unwrap_or_default()
-                }
-                pg_sys::UUIDOID => pgrx::Uuid::from_polymorphic_datum(d, false, typoid)
-                    .map(|u| u.to_string())
-                    .unwrap_or_default(),
-                _ => return Err(super::aad_type_error(&aad_col.to_string_lossy())),
-            }
-        };
-        Ok(Some(text))
-    }
 }
 
 fn protect<'t>(
@@ -259,18 +129,18 @@ fn protect<'t>(
         },
         old: is_update.then_some(td.tg_trigtuple),
     };
-    let mut cols = Vec::new();
-    let mut values = Vec::new();
+    let mut out = Changes::default();
     for spec in specs(td)? {
-        if let Some((attnum, value)) = column(&row, &spec)? {
-            cols.push(attnum);
-            values.push(value);
-        }
+        column(&row, &spec, &mut out)?;
     }
+    let Changes {
+        mut cols,
+        mut values,
+        mut nulls,
+    } = out;
     let out = if cols.is_empty() {
         row.new
     } else {
-        let mut nulls = vec![false; cols.len()];
         // SAFETY: replaces columns of the new tuple with text datums; the
         // result is palloc'd in the trigger's per-tuple memory context, as
         // the trigger manager expects of a returned row.
@@ -291,8 +161,90 @@ fn protect<'t>(
     }))
 }
 
-/// One protected column of the row: the value to store instead, if any.
-fn column(row: &Row<'_, '_>, spec: &Spec<'_>) -> McResult<Option<(i32, pg_sys::Datum)>> {
+/// The columns the trigger replaces in the new row.
+#[derive(Default)]
+struct Changes {
+    cols: Vec<i32>,
+    values: Vec<pg_sys::Datum>,
+    nulls: Vec<bool>,
+}
+
+impl Changes {
+    fn set(&mut self, attnum: i32, value: Option<pg_sys::Datum>) {
+        self.cols.push(attnum);
+        self.values.push(value.unwrap_or(pg_sys::Datum::from(0)));
+        self.nulls.push(value.is_none());
+    }
+}
+
+/// One protected column of the row, and its blind-index column if it has
+/// one: what to store instead goes into `out`.
+fn column(row: &Row<'_, '_>, spec: &Spec<'_>, out: &mut Changes) -> McResult<()> {
+    let Some((attnum, plaintext)) = value(row, spec, out)? else {
+        return Ok(());
+    };
+    let Some((index_col, _)) = spec.index else {
+        return Ok(());
+    };
+    let (index_attnum, typoid) = row.attnum(index_col, "blind-index column")?;
+    if typoid != pg_sys::BYTEAOID {
+        return Err(McError::WrongType {
+            message: format!(
+                "blind-index column \"{}\" of table \"{}\" is no longer of type bytea",
+                index_col.to_string_lossy(),
+                row.table()
+            ),
+            hint: "run manna_crypt.protect_column() again with a bytea blind-index column".into(),
+        });
+    }
+    let new_term = row.bytes(row.new, index_attnum);
+    let needed = match (&plaintext, row.old) {
+        (Plain::Unchanged, Some(old)) => new_term != row.bytes(old, index_attnum),
+        _ => true,
+    };
+    if !needed {
+        return Ok(());
+    }
+    let term = match plaintext {
+        Plain::Null => None,
+        Plain::Known(p) => Some(term_of(&p, spec)?),
+        Plain::Unchanged | Plain::Stored => {
+            let stored = row.text(row.new, attnum).unwrap_or_default();
+            let aad = row.aad(row.new, spec)?;
+            Some(term_of(&open(stored, &aad, spec, row)?, spec)?)
+        }
+    };
+    if term.as_deref() != new_term {
+        out.set(index_attnum, term.map(|t| t.into_datum()).unwrap_or(None));
+    }
+    Ok(())
+}
+
+/// The plaintext behind a protected column's new value, as far as the
+/// trigger has it, for the blind index.
+enum Plain {
+    /// NULL: the index is NULL too.
+    Null,
+    /// Neither the value nor its AAD changed (an UPDATE).
+    Unchanged,
+    /// A ciphertext kept as written (INSERT, upsert): decrypt to index it.
+    Stored,
+    Known(Zeroizing<Vec<u8>>),
+}
+
+fn term_of(plaintext: &[u8], spec: &Spec<'_>) -> McResult<Vec<u8>> {
+    let (_, shape) = spec.index.expect("only called for an indexed column");
+    let text = std::str::from_utf8(plaintext).map_err(|_| McError::NotUtf8)?;
+    crypto::index_term(spec.keyring, shape, text)
+}
+
+/// The protected column itself: the value to store instead goes into `out`;
+/// returns the column's number and what is known of its plaintext.
+fn value(
+    row: &Row<'_, '_>,
+    spec: &Spec<'_>,
+    out: &mut Changes,
+) -> McResult<Option<(i32, Plain)>> {
     let (attnum, typoid) = row.attnum(spec.col, "protected column")?;
     if typoid != pg_sys::TEXTOID {
         return Err(McError::WrongType {
@@ -307,7 +259,7 @@ fn column(row: &Row<'_, '_>, spec: &Spec<'_>) -> McResult<Option<(i32, pg_sys::D
         });
     }
     let Some(value) = row.text(row.new, attnum) else {
-        return Ok(None);
+        return Ok(Some((attnum, Plain::Null)));
     };
     let aad = row.aad(row.new, spec)?;
     let class = classify(value);
@@ -339,8 +291,14 @@ fn column(row: &Row<'_, '_>, spec: &Spec<'_>) -> McResult<Option<(i32, pg_sys::D
         just_sealed_under: sealed_from.as_ref(),
         aad: &aad,
     });
-    let sealed = match action {
-        Action::Keep => return Ok(None),
+    let (sealed, plaintext) = match action {
+        Action::Keep => {
+            let plain = match update {
+                Some(u) if u.unchanged => Plain::Unchanged,
+                _ => Plain::Stored,
+            };
+            return Ok(Some((attnum, plain)));
+        }
         Action::Malformed => {
             return Err(McError::Malformed {
                 what: "ciphertext",
@@ -352,17 +310,21 @@ fn column(row: &Row<'_, '_>, spec: &Spec<'_>) -> McResult<Option<(i32, pg_sys::D
             })
         }
         Action::Verify => {
-            open(value, &aad, spec, row)?;
-            return Ok(None);
+            let plaintext = open(value, &aad, spec, row)?;
+            return Ok(Some((attnum, Plain::Known(plaintext))));
         }
-        Action::Seal => seal(value.as_bytes(), spec.keyring, &aad)?,
+        Action::Seal => (
+            seal(value.as_bytes(), spec.keyring, &aad)?,
+            spec.index
+                .map(|_| Zeroizing::new(value.as_bytes().to_vec())),
+        ),
         Action::Rebind(from) => {
             let from = match from {
                 From::OldRow => row.aad(row.old.expect("an UPDATE"), spec)?,
                 From::Sealed(a) => a,
             };
             let plaintext = open(value, &from, spec, row)?;
-            seal(&plaintext, spec.keyring, &aad)?
+            (seal(&plaintext, spec.keyring, &aad)?, Some(plaintext))
         }
     };
     let datum = sealed
@@ -380,7 +342,9 @@ fn column(row: &Row<'_, '_>, spec: &Spec<'_>) -> McResult<Option<(i32, pg_sys::D
             })
         });
     }
-    Ok(Some((attnum, datum)))
+    out.set(attnum, Some(datum));
+    // Without an index the plaintext is not needed (and not copied).
+    Ok(Some((attnum, plaintext.map_or(Plain::Unchanged, Plain::Known))))
 }
 
 fn seal(plaintext: &[u8], keyring: &str, aad: &Option<String>) -> McResult<String> {

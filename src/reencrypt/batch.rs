@@ -117,11 +117,30 @@ fn qual(run: &Run, range: &str, token: i64) -> String {
     } else {
         String::new()
     };
+    // A backfill also hands over the row's current term.
+    let current = match &run.mode {
+        Mode::BlindIndex { index_sql, .. } => format!(", {index_sql}"),
+        _ => String::new(),
+    };
     format!(
         "{range} AND {col} IS NOT NULL {recheck}\
-         AND manna_crypt._reencrypt_row(ctid, {col}::text, {aad}, {token})",
+         AND manna_crypt._reencrypt_row(ctid, {col}::text, {aad}, {token}{current})",
         col = run.col_sql
     )
+}
+
+/// The batch's SET: the converted value into the column, or a backfill's
+/// term (handed over as hex) into the blind-index column.
+fn assignment(run: &Run, token: i64) -> String {
+    match &run.mode {
+        Mode::BlindIndex { index_sql, .. } => format!(
+            "{index_sql} = pg_catalog.decode(manna_crypt._reencrypt_value(ctid, {token}), 'hex')"
+        ),
+        _ => format!(
+            "{} = manna_crypt._reencrypt_value(ctid, {token})",
+            run.col_sql
+        ),
+    }
 }
 
 fn block_range(first: i64, end: i64) -> String {
@@ -165,10 +184,10 @@ fn execute(run: &Run, range: &str, keys: Keys, ahead_from: i64) -> McResult<Batc
             // One row per row written: the new version's ctid when it lies
             // in the part of the pass still to come, else NULL.
             let sql = format!(
-                "UPDATE ONLY {tbl} SET {col} = manna_crypt._reencrypt_value(ctid, {token}) \
+                "UPDATE ONLY {tbl} SET {set} \
                  WHERE {qual} RETURNING CASE WHEN {ahead} THEN ctid::text END",
                 tbl = run.tbl_sql,
-                col = run.col_sql,
+                set = assignment(run, token),
                 ahead = block_range(ahead_from, run.pass_end_block)
             );
             let new = spi::rows(Access::Write, &sql, &[], |r| r.get::<String>(1))?;
@@ -336,6 +355,28 @@ fn _reencrypt_convert(
     aad: Option<&str>,
     token: Option<i64>,
 ) -> bool {
+    convert_row(ctid, value, aad, token, None)
+}
+
+/// The same for a blind-index backfill, with the row's current term.
+#[pg_extern(name = "_reencrypt_row", volatile, parallel_unsafe)]
+fn _reencrypt_index_row(
+    ctid: Option<pg_sys::ItemPointerData>,
+    value: Option<&str>,
+    aad: Option<&str>,
+    token: Option<i64>,
+    current: Option<&[u8]>,
+) -> bool {
+    convert_row(ctid, value, aad, token, current)
+}
+
+fn convert_row(
+    ctid: Option<pg_sys::ItemPointerData>,
+    value: Option<&str>,
+    aad: Option<&str>,
+    token: Option<i64>,
+    current: Option<&[u8]>,
+) -> bool {
     let token = token.unwrap_or(0);
     with_batch(token, |batch| {
         let (Some(ctid), Some(value)) = (ctid, value) else {
@@ -346,6 +387,7 @@ fn _reencrypt_convert(
             &batch.keys,
             value,
             aad.unwrap_or("").as_bytes(),
+            current,
         );
         match outcome {
             Outcome::Convert(new) => {

@@ -8,9 +8,13 @@ use manna_crypt_core::envelope::{self, Envelope};
 use manna_crypt_core::fernet::{Token, TOKEN_PREFIX};
 use zeroize::Zeroizing;
 
-use crate::crypto::{open_parsed_token, open_value, seal_verified};
+use std::rc::Rc;
+
+use manna_crypt_core::blind;
+
+use crate::crypto::{index_term, open_parsed_token, open_value, seal_verified, TermShape};
 use crate::error::McResult;
-use crate::keys::cache::{self, ActiveKey};
+use crate::keys::cache::{self, ActiveKey, IndexRing};
 use crate::keys::store;
 use crate::pg::datum::is_text;
 use crate::pg::security::{run_as, Identity};
@@ -18,9 +22,23 @@ use crate::pg::security::{run_as, Identity};
 /// Which procedure a run serves, with its keyrings.
 #[derive(Clone)]
 pub enum Mode {
-    MigrateFernet { source: String, target: String },
-    Rewrap { keyring: String },
-    Encrypt { keyring: String },
+    MigrateFernet {
+        source: String,
+        target: String,
+    },
+    Rewrap {
+        keyring: String,
+    },
+    Encrypt {
+        keyring: String,
+    },
+    /// Fill a protected column's blind-index column (quoted in
+    /// `index_sql`) with terms under the keyring's active index key.
+    BlindIndex {
+        keyring: String,
+        index_sql: String,
+        shape: TermShape,
+    },
 }
 
 impl Mode {
@@ -29,13 +47,16 @@ impl Mode {
             Mode::MigrateFernet { .. } => "migrate_fernet",
             Mode::Rewrap { .. } => "rewrap_column",
             Mode::Encrypt { .. } => "encrypt_column",
+            Mode::BlindIndex { .. } => "backfill_blind_index",
         }
     }
 
     pub fn target(&self) -> &str {
         match self {
             Mode::MigrateFernet { target, .. } => target,
-            Mode::Rewrap { keyring } | Mode::Encrypt { keyring } => keyring,
+            Mode::Rewrap { keyring }
+            | Mode::Encrypt { keyring }
+            | Mode::BlindIndex { keyring, .. } => keyring,
         }
     }
 
@@ -49,14 +70,18 @@ impl Mode {
     /// Whether every `mc1:` value is already in target form (so a cheap
     /// prefix test can skip it); for a rewrap only the active key's are.
     pub fn any_mc1_is_done(&self) -> bool {
-        !matches!(self, Mode::Rewrap { .. })
+        !matches!(self, Mode::Rewrap { .. } | Mode::BlindIndex { .. })
     }
 }
 
 /// What one batch needs from the key cache, fetched once per batch.
 pub struct Keys {
+    /// The active data key's id (for a backfill: the active index key's).
     pub target_id: u32,
-    pub target: ActiveKey,
+    /// The active data key; `None` for a backfill, which encrypts nothing.
+    pub target: Option<ActiveKey>,
+    /// A backfill's index keys.
+    pub index: Option<Rc<IndexRing>>,
     pub target_ring: String,
     /// Rewrap: every key id of the keyring.
     pub ring_ids: HashSet<u32>,
@@ -64,6 +89,17 @@ pub struct Keys {
 
 impl Keys {
     pub fn fetch(mode: &Mode) -> McResult<Keys> {
+        if let Mode::BlindIndex { keyring, shape, .. } = mode {
+            // Fails here, before any row, when there is no active index key.
+            let term = index_term(keyring, *shape, "")?;
+            return Ok(Keys {
+                target_id: blind::term_key_id(&term).unwrap_or(0),
+                target: None,
+                index: Some(cache::index_ring(keyring)?),
+                target_ring: keyring.clone(),
+                ring_ids: HashSet::new(),
+            });
+        }
         let target = cache::active_key(mode.target())?;
         // A key that cannot be counted stops the batch here rather than
         // failing every row (not preloaded, or the counters' table full).
@@ -78,7 +114,8 @@ impl Keys {
         };
         Ok(Keys {
             target_id: target.key_id,
-            target,
+            target: Some(target),
+            index: None,
             target_ring: mode.target().to_owned(),
             ring_ids,
         })
@@ -110,17 +147,30 @@ fn seal(keys: &Keys, class: Class, plaintext: McResult<Zeroizing<Vec<u8>>>, aad:
             "plaintext is not UTF-8 text or contains a NUL byte; \
              decrypt_gcm could not return it as text",
         ),
-        Ok(pt) => match seal_verified(&keys.target, &keys.target_ring, &pt, aad) {
-            Ok(text) => Outcome::Convert(text),
-            Err(e) => Outcome::Fail(class, e.message()),
-        },
+        Ok(pt) => {
+            let Some(target) = &keys.target else {
+                return fail(class, "internal: no target key for this run");
+            };
+            match seal_verified(target, &keys.target_ring, &pt, aad) {
+                Ok(text) => Outcome::Convert(text),
+                Err(e) => Outcome::Fail(class, e.message()),
+            }
+        }
         Err(e) => Outcome::Fail(class, e.message()),
     }
 }
 
-/// Decides what to do with one value, parsing it once.
-pub fn convert(mode: &Mode, keys: &Keys, value: &str, aad: &[u8]) -> Outcome {
+/// Decides what to do with one value, parsing it once. `current` is the
+/// row's blind-index term (a backfill only).
+pub fn convert(
+    mode: &Mode,
+    keys: &Keys,
+    value: &str,
+    aad: &[u8],
+    current: Option<&[u8]>,
+) -> Outcome {
     match mode {
+        Mode::BlindIndex { shape, .. } => index(keys, *shape, value, aad, current),
         Mode::MigrateFernet { source, .. } => {
             if value.starts_with(TOKEN_PREFIX) {
                 return match Token::parse(value) {
@@ -169,4 +219,37 @@ fn rewrap(keys: &Keys, value: &str, aad: &[u8]) -> Outcome {
     } else {
         Outcome::OtherKeyring
     }
+}
+
+/// A backfill's decision: a term under the active index key (of the right
+/// length) is done; otherwise the ciphertext is opened under the row's AAD
+/// and its term computed, as hex for the batch's SET (`decode(.., 'hex')`).
+fn index(keys: &Keys, shape: TermShape, value: &str, aad: &[u8], current: Option<&[u8]>) -> Outcome {
+    let done = current.is_some_and(|t| {
+        blind::term_key_id(t) == Some(keys.target_id) && t.len() == blind::HEADER_LEN + shape.mac_len
+    });
+    if done {
+        return Outcome::Already;
+    }
+    if !value.starts_with(envelope::TEXT_PREFIX) {
+        return fail(
+            classify(value),
+            "not a manna_crypt ciphertext: encrypt the column first (encrypt_column)",
+        );
+    }
+    let Ok(bytes) = envelope::from_text(value) else {
+        return fail(Class::Malformed, MALFORMED);
+    };
+    let class = Envelope::parse(&bytes).map_or(Class::Malformed, |e| Class::Mc1(e.key_id));
+    let plaintext = match open_value(None, &bytes, aad) {
+        Ok(p) => p,
+        Err(e) => return Outcome::Fail(class, e.message()),
+    };
+    let Ok(text) = std::str::from_utf8(&plaintext) else {
+        return fail(class, "plaintext is not UTF-8 text");
+    };
+    let Some(key) = keys.index.as_ref().and_then(|r| r.live.first()) else {
+        return fail(class, "internal: no index key for this run");
+    };
+    Outcome::Convert(hex::encode(key.term(shape.normalize, text, shape.mac_len)))
 }

@@ -194,7 +194,7 @@ fn lock_run(lock_name: &str, tbl_sql: &str, col: &str) -> McResult<()> {
 /// A protected column's values are bound to its AAD column: the run uses
 /// it (when `aad_column` is not given) and refuses another.
 fn protected_aad(oid: pg_sys::Oid, col: &str, given: Option<&str>) -> McResult<Option<String>> {
-    match (crate::protect::setup::protected_aad(oid, col)?, given) {
+    match (crate::protect::config::protected_aad(oid, col)?, given) {
         (None, given) => Ok(given.map(str::to_owned)),
         (Some(aad), None) => Ok(aad),
         (Some(aad), Some(g)) if aad.as_deref() == Some(g) => Ok(aad),
@@ -436,6 +436,23 @@ fn finish(handle: i64) -> McResult<()> {
     Ok(())
 }
 
+/// A backfill works from the column's protection: its keyring, AAD column
+/// and blind-index column with its normalization and bits.
+fn blind_index_mode(oid: pg_sys::Oid, col: &str) -> McResult<Mode> {
+    let not_indexed = || {
+        McError::bad_arg(format!(
+            "column \"{col}\" is not a protected column with a blind index"
+        ))
+    };
+    let protection = crate::protect::config::protection(oid, col)?.ok_or_else(not_indexed)?;
+    let (index_col, normalize, bits) = protection.index.ok_or_else(not_indexed)?;
+    Ok(Mode::BlindIndex {
+        keyring: protection.keyring,
+        index_sql: pgrx::spi::quote_identifier(&index_col),
+        shape: crate::crypto::TermShape::parse(&normalize, bits)?,
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn _reencrypt_start(
@@ -451,10 +468,15 @@ fn _reencrypt_start(
     // The procedures pass their arguments through: a NULL is the user's.
     let tbl = not_null(tbl, "tbl");
     let col = not_null(col, "col");
-    let target_keyring = not_null(target_keyring, "keyring");
     let batch_size = not_null(batch_size, "batch_size");
     let dry_run = not_null(dry_run, "dry_run");
-    let mode = match (not_null(mode, "mode"), source_keyring) {
+    let mode = not_null(mode, "mode");
+    if mode == "backfill_blind_index" {
+        let mode = blind_index_mode(tbl.0, col).or_raise();
+        return start(mode, tbl.0, col, batch_size, None, dry_run).or_raise();
+    }
+    let target_keyring = not_null(target_keyring, "keyring");
+    let mode = match (mode, source_keyring) {
         ("migrate_fernet", Some(source)) => Mode::MigrateFernet {
             source: source.into(),
             target: target_keyring.into(),

@@ -16,6 +16,9 @@ PUBLIC_FUNCTIONS = {
     "_reencrypt_value",
     "_protect",
     "_protected_check",
+    # No key involved: a normalization, and what pg_trigger shows anyone.
+    "blind_normalize",
+    "protected_columns",
 }
 
 
@@ -111,6 +114,7 @@ COMMITTING_PROCEDURES = {
     "manna_crypt.migrate_fernet(regclass,name,text,text,integer,name,boolean,bigint,boolean)",
     "manna_crypt.rewrap_column(regclass,name,text,integer,name,boolean,bigint,boolean)",
     "manna_crypt.encrypt_column(regclass,name,text,integer,name,boolean,bigint,boolean)",
+    "manna_crypt.backfill_blind_index(regclass,name,integer,boolean,bigint,boolean)",
 }
 # C (Rust) functions with a SET clause. None: a SET clause costs every call
 # (no inlining, a GUC save and restore), so the Rust functions set what they
