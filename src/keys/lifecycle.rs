@@ -261,6 +261,12 @@ fn retire(
 ) {
     refuse_during_recovery(what);
     refuse_if_in_use(key_id, action, force).or_raise();
+    if !force {
+        run_as(Identity::ExtensionOwner, || {
+            usage::refuse_while_older_snapshots(key_id, action)
+        })
+        .or_raise();
+    }
     key_change(what, |role| change(role, store::lock_key(key_id)?))
 }
 

@@ -298,3 +298,40 @@ fn audit_column(role: &str, event: &str, table: &str, col: &str) -> McResult<()>
         json!({ "table": table, "column": col }),
     )
 }
+
+/// For an index key: a session whose snapshot (or transaction) is older
+/// than the keyring's latest index-key rotation may still see this key as
+/// the active one and write terms under it after it is retired — the count
+/// of rows under the key cannot see those writes coming. $1 is the key.
+const OLDER_SNAPSHOT: &str = "\
+    SELECT a.pid FROM pg_catalog.pg_stat_activity a, manna_crypt.data_keys k \
+     WHERE k.key_id = (SELECT max(n.key_id) FROM manna_crypt.data_keys o \
+                         JOIN manna_crypt.data_keys n USING (keyring_id) \
+                        WHERE o.key_id = $1 AND n.purpose = 'index') \
+       AND k.purpose = 'index' AND k.key_id <> $1 \
+       AND a.datname = pg_catalog.current_database() AND a.pid <> pg_catalog.pg_backend_pid() \
+       AND GREATEST(pg_catalog.age(a.backend_xmin), pg_catalog.age(a.backend_xid)) \
+           OPERATOR(pg_catalog.>=) pg_catalog.age(k.xmin) \
+     LIMIT 1";
+
+/// Refuses to retire an index key while a session that may not have seen
+/// the rotation away from it is still running (see [`OLDER_SNAPSHOT`]).
+/// Nothing for data keys. Must run as the extension owner (who reads every
+/// session's `backend_xmin`).
+pub fn refuse_while_older_snapshots(key_id: i32, action: &str) -> McResult<()> {
+    let Some(pid) = spi::one::<i32>(Mode::Write, OLDER_SNAPSHOT, &[key_id.into()])? else {
+        return Ok(());
+    };
+    Err(McError::WrongState {
+        message: format!(
+            "a transaction older than the rotation away from index key {key_id} is still running"
+        ),
+        detail: Some(format!(
+            "backend {pid} may still see key {key_id} as the active index key and write terms \
+             under it after it is retired"
+        )),
+        hint: Some(format!(
+            "wait for that transaction to end, then {action} again (or pass force => true)"
+        )),
+    })
+}

@@ -462,8 +462,10 @@ class Wrapped:
         return self.data
 
 
+# kind: 'gcm', 'fernet' or 'index' (a blind-index key; 0.1.0 has none).
 WRAPPED_KEYS = (
-    "SELECT k.key_id, r.name, r.kind, k.wrapped FROM manna_crypt.data_keys k "
+    "SELECT k.key_id, r.name, CASE WHEN to_jsonb(k)->>'purpose' = 'index' THEN 'index' "
+    "ELSE r.kind END, k.wrapped FROM manna_crypt.data_keys k "
     "JOIN manna_crypt.keyrings r USING (keyring_id) WHERE k.wrapped IS NOT NULL"
 )
 
@@ -479,7 +481,7 @@ def unwrap_data_key(root_key_hex: str, key_id: int, wrapped, keyring=None, kind=
     """Unwraps a stored data key the way core/src/keywrap.rs wraps it.
 
     Version 2: 0x02 | nonce(12) | AES-256-GCM(root, key) | tag(16), with
-    AAD = "manna_crypt/data-key/v2" | key_id (u32 BE) | kind ('g' or 'f') |
+    AAD = "manna_crypt/data-key/v2" | key_id (u32 BE) | kind ('g', 'f', 'i') |
     len(keyring) (1 byte) | keyring. Version 1 (0.1.0): 0x01 | ..., with
     AAD = envelope header (0x01, key id 0) | "manna_crypt/data-key/v1" | key_id.
     `wrapped` is bytes (then keyring and kind are needed for version 2) or a
@@ -494,7 +496,7 @@ def unwrap_data_key(root_key_hex: str, key_id: int, wrapped, keyring=None, kind=
     else:
         name = keyring.encode()
         aad = (b"manna_crypt/data-key/v2" + key_id.to_bytes(4, "big")
-               + (b"f" if kind == "fernet" else b"g") + bytes([len(name)]) + name)
+               + {"fernet": b"f", "index": b"i"}.get(kind, b"g") + bytes([len(name)]) + name)
     return AESGCM(bytes.fromhex(root_key_hex)).decrypt(wrapped[1:13], wrapped[13:], aad)
 
 
