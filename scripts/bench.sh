@@ -17,6 +17,9 @@
 #                     call) costs new connections and parallel workers,
 #                     against the key file in the same run
 #           orm     - SQLAlchemy inserts through EncryptedText against plain Text
+#           blind   - blind indexes: lookup latency against a plaintext index,
+#                     blind_index() calls/s against sha256(), the backfill
+#                     against an UPDATE floor (scripts/bench_blind.sh)
 #
 # Builds and installs the release build (scripts/setup.sh), then runs in a
 # throwaway cluster under target/bench (port 55480, or MC_BENCH_PORT) that is
@@ -34,7 +37,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 cd "$MC_ROOT"
 
-SECTIONS=(gcm protect columns migrate locking rootkey orm)
+SECTIONS=(gcm protect columns migrate locking rootkey orm blind)
 BENCH_DIR=${MC_BENCH_DIR:-$MC_ROOT/target/bench}
 BENCH_PORT=${MC_BENCH_PORT:-55480}
 ROWS=${MC_BENCH_ROWS:-1000000}
@@ -348,6 +351,12 @@ SQL
 bench_migrate() {
     ensure_venv
     "$MC_ROOT/scripts/bench_migrate.sh"
+}
+
+# Blind indexes (their own cluster; see scripts/bench_blind.sh).
+bench_blind() {
+    ensure_venv
+    "$MC_ROOT/scripts/bench_blind.sh"
 }
 
 # Cost of the optimistic-locking trigger under pgbench (its own cluster; see
