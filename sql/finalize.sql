@@ -163,3 +163,16 @@ COMMENT ON FUNCTION manna_crypt.protect_column(regclass, text, text, text) IS 'e
 COMMENT ON FUNCTION manna_crypt.unprotect_column(regclass, text) IS 'stop encrypting writes to a protected column (stored values stay as they are)';
 COMMENT ON FUNCTION manna_crypt._protect() IS 'internal: the protect trigger (arguments: column, keyring, AAD column triplets)';
 COMMENT ON FUNCTION manna_crypt._protected_check(text, text) IS 'internal: the CHECK of a protected column; raises 23514 without the row for anything but a ciphertext';
+
+-- Key access statistics: every key user sees the calls of the roles whose
+-- privileges it has (filtered inside _key_access()); admins see all and
+-- reset them.
+GRANT EXECUTE ON FUNCTION manna_crypt._key_access() TO manna_crypt_user;
+GRANT SELECT ON manna_crypt.key_access TO manna_crypt_user;
+GRANT EXECUTE ON FUNCTION
+    manna_crypt.reset_key_access_stats(),
+    manna_crypt.key_access_stats_status()
+  TO manna_crypt_admin;
+COMMENT ON FUNCTION manna_crypt._key_access() IS 'internal: this database''s key access counts the caller may see (the key_access view)';
+COMMENT ON FUNCTION manna_crypt.reset_key_access_stats() IS 'forget this database''s key access statistics when the transaction commits; recorded in the audit log';
+COMMENT ON FUNCTION manna_crypt.key_access_stats_status() IS 'the shared key access table: capacity, entries in use (every database), calls dropped for lack of room, retention in days';

@@ -57,12 +57,12 @@ const DATA_KEYS_OID: &str = "SELECT 'manna_crypt.data_keys'::pg_catalog.regclass
 const STORED_CHECK: &str = "SELECT check_value, fingerprint FROM manna_crypt.root_key_check";
 
 const KEY_BY_ID: &str = "\
-    SELECT r.name, r.kind, k.status, k.wrapped \
+    SELECT r.name, r.kind, k.status, k.wrapped, r.keyring_id \
       FROM manna_crypt.data_keys k JOIN manna_crypt.keyrings r USING (keyring_id) \
      WHERE k.key_id = $1";
 
 const RING_BY_NAME: &str = "\
-    SELECT r.kind, k.key_id::int8, k.status, k.wrapped \
+    SELECT r.kind, k.key_id::int8, k.status, k.wrapped, r.keyring_id \
       FROM manna_crypt.keyrings r \
       LEFT JOIN manna_crypt.data_keys k ON k.keyring_id = r.keyring_id \
            AND k.status IN ('active', 'decrypt_only') \
@@ -99,6 +99,7 @@ fn check_row(r: &spi::Row) -> McResult<StoredCheck> {
 /// A data key as the cache needs it.
 pub struct KeyRow {
     pub keyring: String,
+    pub keyring_id: u32,
     pub fernet: bool,
     pub status: Status,
     pub wrapped: Option<Vec<u8>>,
@@ -111,6 +112,7 @@ pub fn key_by_id(key_id: u32) -> McResult<Option<KeyRow>> {
             fernet: r.req::<String>(2)? == "fernet",
             status: Status::parse(&r.req::<String>(3)?),
             wrapped: r.get(4)?,
+            keyring_id: r.req::<i32>(5)? as u32,
         })
     })?;
     Ok(rows.into_iter().next())
@@ -118,6 +120,7 @@ pub fn key_by_id(key_id: u32) -> McResult<Option<KeyRow>> {
 
 /// A keyring's usable keys (active and decrypt_only), newest first.
 pub struct RingRows {
+    pub keyring_id: u32,
     pub fernet: bool,
     /// (key id, status, wrapped key); empty when the keyring has none.
     pub keys: Vec<(u32, Status, Vec<u8>)>,
@@ -125,21 +128,25 @@ pub struct RingRows {
 
 /// `None` when the keyring does not exist.
 pub fn ring_by_name(name: &str) -> McResult<Option<RingRows>> {
-    type Raw = (String, Option<i64>, Option<String>, Option<Vec<u8>>);
+    type Raw = (String, Option<i64>, Option<String>, Option<Vec<u8>>, i32);
     let raw: Vec<Raw> = spi::rows(Mode::Read, RING_BY_NAME, &[name.into()], |r| {
-        Ok((r.req(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        Ok((r.req(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.req(5)?))
     })?;
     let Some(first) = raw.first() else {
         return Ok(None);
     };
-    let fernet = first.0 == "fernet";
+    let (fernet, keyring_id) = (first.0 == "fernet", first.4 as u32);
     let keys = raw
         .into_iter()
-        .filter_map(|(_, id, status, wrapped)| {
+        .filter_map(|(_, id, status, wrapped, _)| {
             Some((id? as u32, Status::parse(&status?), wrapped?))
         })
         .collect();
-    Ok(Some(RingRows { fernet, keys }))
+    Ok(Some(RingRows {
+        keyring_id,
+        fernet,
+        keys,
+    }))
 }
 
 /// Every key id a keyring ever had.

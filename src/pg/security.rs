@@ -92,9 +92,14 @@ pub fn caller_id() -> pg_sys::Oid {
 
 /// The caller's role name, for audit rows.
 pub fn caller_name() -> String {
+    role_name(caller_id())
+}
+
+/// A role's name, `?` for a dropped role.
+pub fn role_name(role: pg_sys::Oid) -> String {
     // SAFETY: with noerr = true this returns NULL or a palloc'd C string.
     unsafe {
-        let name = pg_sys::GetUserNameFromId(caller_id(), true);
+        let name = pg_sys::GetUserNameFromId(role, true);
         if name.is_null() {
             "?".into()
         } else {
