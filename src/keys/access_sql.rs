@@ -64,6 +64,9 @@ type Row = (
 
 /// This database's calls by (role, keyring, operation, hour), with this
 /// session's calls not yet handed over counted in the current hour.
+// pgrx reads the column names from the `name!` macros in the signature
+// itself, so the type cannot be factored out.
+#[allow(clippy::type_complexity)]
 #[pg_extern(volatile, parallel_restricted)]
 fn _key_access() -> TableIterator<
     'static,
