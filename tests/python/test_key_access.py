@@ -293,6 +293,14 @@ def test_capacity_drops_the_oldest_hour_and_counts_it():
                 c.execute("RESET ROLE")
             status = c.execute("SELECT * FROM manna_crypt.key_access_stats_status()").fetchone()
             assert status == (100, 100, 98 * 3 + 11 + 1, 35)
+        # Without preloading there is no table: a clear 55000, not nothing.
+        cl.configure(shared_preload_libraries="")
+        cl.restart()
+        with cl.connect("u") as c:
+            for q in ("SELECT * FROM manna_crypt.key_access",
+                      "SELECT manna_crypt.reset_key_access_stats()",
+                      "SELECT * FROM manna_crypt.key_access_stats_status()"):
+                assert sqlstate(c, q) == "55000", q
 
 
 def test_the_log_mode_names_role_keyring_and_key_never_the_value():
