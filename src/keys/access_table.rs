@@ -302,12 +302,11 @@ pub fn reset(db: u32) -> crate::error::McResult<(u64, u64)> {
     let Some((table, entries)) = table() else {
         return Ok((0, 0));
     };
-    let (gone, kept): (Vec<_>, Vec<_>) = {
-        let _held = lock(true);
-        let (gone, kept): (Vec<_>, Vec<_>) = live_entries(entries).partition(|(k, _)| k.0 == db);
-        rebuild(table, entries, &kept);
-        (gone, kept)
-    };
+    // The file is written under the lock: two resets (of two databases) at
+    // once cannot save their snapshots in the wrong order. Resets are rare.
+    let _held = lock(true);
+    let (gone, kept): (Vec<_>, Vec<_>) = live_entries(entries).partition(|(k, _)| k.0 == db);
+    rebuild(table, entries, &kept);
     let file = AccessFile {
         counts: kept.into_iter().collect(),
         dropped: table.dropped.load(Ordering::Relaxed),
