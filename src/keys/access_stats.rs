@@ -58,6 +58,14 @@ impl AccessOp {
 
 pub static LOG_CALLS: GucSetting<bool> = GucSetting::<bool>::new(false);
 
+/// The setting's value, read directly: `GucSetting::get` checks the thread
+/// through a thread-local, too slow for every call.
+#[inline]
+fn log_calls() -> bool {
+    // SAFETY: a bool PostgreSQL's GUC machinery writes on this same thread.
+    unsafe { *LOG_CALLS.as_ptr() }
+}
+
 pub fn register_settings() {
     GucRegistry::define_bool_guc(
         c"manna_crypt.key_access_log",
@@ -90,18 +98,16 @@ thread_local! {
     static RESET_AT_COMMIT: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Benchmark builds only: recording switched off for this session.
 #[cfg(feature = "bench_uncounted")]
-thread_local! {
-    /// Benchmark builds only: recording switched off for this session.
-    static BENCH_OFF: Cell<bool> = const { Cell::new(false) };
-}
+static BENCH_OFF: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 impl Access {
     /// Counts one call of `op` with key `key_id` of this keyring.
     #[inline]
     pub fn record(&self, op: AccessOp, key_id: u32) {
         #[cfg(feature = "bench_uncounted")]
-        if BENCH_OFF.with(Cell::get) {
+        if BENCH_OFF.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         let role = security::caller_id();
@@ -110,7 +116,7 @@ impl Access {
         }
         let c = &self.calls[op as usize];
         c.set(c.get() + 1);
-        if LOG_CALLS.get() {
+        if log_calls() {
             self.log_call(role, op, key_id);
         }
     }
@@ -261,6 +267,6 @@ pub fn reset_at_commit() {
 #[cfg(feature = "bench_uncounted")]
 #[pg_extern(volatile, parallel_unsafe)]
 fn _bench_record_key_access(on: bool) -> bool {
-    BENCH_OFF.with(|b| b.set(!on));
+    BENCH_OFF.store(!on, std::sync::atomic::Ordering::Relaxed);
     on
 }
