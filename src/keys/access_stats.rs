@@ -270,3 +270,25 @@ fn _bench_record_key_access(on: bool) -> bool {
     BENCH_OFF.store(!on, std::sync::atomic::Ordering::Relaxed);
     on
 }
+
+/// Benchmark builds only: nanoseconds per [`Access::record`] call, timed
+/// over `n` calls on a cell of its own (never handed over): the hot path's
+/// cost without the noise of whole queries.
+#[cfg(feature = "bench_uncounted")]
+#[pg_extern(volatile, parallel_unsafe)]
+fn _bench_record_key_access_ns(n: i32) -> f64 {
+    let cell = Access {
+        keyring_id: 0,
+        keyring: "bench".into(),
+        role: Cell::new(pg_sys::InvalidOid),
+        calls: Default::default(),
+    };
+    let n = n.max(1);
+    let start = std::time::Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(&cell).record(AccessOp::Decrypt, 1);
+    }
+    let ns = start.elapsed().as_nanos() as f64 / f64::from(n);
+    std::hint::black_box(cell.calls[1].get());
+    ns
+}
