@@ -37,7 +37,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 cd "$MC_ROOT"
 
-SECTIONS=(gcm protect columns migrate locking rootkey orm blind)
+SECTIONS=(gcm access protect columns migrate locking rootkey orm blind)
 BENCH_DIR=${MC_BENCH_DIR:-$MC_ROOT/target/bench}
 BENCH_PORT=${MC_BENCH_PORT:-55480}
 ROWS=${MC_BENCH_ROWS:-1000000}
@@ -221,6 +221,90 @@ bench_gcm() {
         "'encrypt_gcm keyring / raw key', 'encrypt_gcm keyring', 'encrypt_gcm raw key', 1.1, 3" \
         "'keyring counted / uncounted', 'encrypt_gcm keyring', 'encrypt_gcm keyring, uncounted', 1.05, 5" \
         "'decrypt_gcm keyring / raw key', 'decrypt_gcm keyring', 'decrypt_gcm raw key', 1.1, 4"
+}
+
+# Key access statistics (README "Who used which key"): keyring encrypt and
+# decrypt with the per-call recording and without it, in the same build and
+# session: the benchmark build's _bench_record_key_access(false) turns the
+# recording off for the session. Every query sets it (and the LOG mode)
+# itself in an InitPlan evaluated once, so the order of the queries does not
+# matter and all have the same shape. The LOG mode writes a line per call:
+# measured on a tenth of the rows.
+bench_access() {
+    local n=$((ROWS / 10))
+    log "section access: preparing $ROWS rows"
+    ensure_tokens
+    bpsql -q -c "SET client_min_messages = warning" -c "
+        SELECT manna_crypt.create_keyring('bench_a');
+        CREATE TABLE bench.acc_ring AS
+            SELECT manna_crypt.encrypt_gcm(v, 'bench_a')::text AS c FROM bench.tokens;
+        CREATE TABLE bench.acc_small AS SELECT c FROM bench.acc_ring LIMIT $n;" \
+        -c "VACUUM ANALYZE bench.acc_ring, bench.acc_small" >/dev/null
+    local on="WHERE (SELECT manna_crypt._bench_record_key_access(true)
+                      AND set_config('manna_crypt.key_access_log', 'off', false) = 'off')"
+    local off="WHERE (SELECT NOT manna_crypt._bench_record_key_access(false)
+                       AND set_config('manna_crypt.key_access_log', 'off', false) = 'off')"
+    local logged="WHERE (SELECT manna_crypt._bench_record_key_access(true)
+                          AND set_config('manna_crypt.key_access_log', 'on', false) = 'on')"
+    record access "floor: tokens" "SELECT count(octet_length(v)) FROM bench.tokens $on"
+    record access "floor: acc_ring" "SELECT count(octet_length(c)) FROM bench.acc_ring $on"
+    record access "floor: acc_small" "SELECT count(octet_length(c)) FROM bench.acc_small $on"
+    record access "encrypt keyring, recorded" \
+        "SELECT count(octet_length(manna_crypt.encrypt_gcm(v, 'bench_a'))) FROM bench.tokens $on" \
+        "floor: tokens"
+    record access "encrypt keyring, not recorded" \
+        "SELECT count(octet_length(manna_crypt.encrypt_gcm(v, 'bench_a'))) FROM bench.tokens $off" \
+        "floor: tokens"
+    record access "decrypt keyring, recorded" \
+        "SELECT count(octet_length(manna_crypt.decrypt_gcm(c))) FROM bench.acc_ring $on" \
+        "floor: acc_ring"
+    record access "decrypt keyring, not recorded" \
+        "SELECT count(octet_length(manna_crypt.decrypt_gcm(c))) FROM bench.acc_ring $off" \
+        "floor: acc_ring"
+    record access "decrypt keyring, recorded, $n rows" \
+        "SELECT count(octet_length(manna_crypt.decrypt_gcm(c))) FROM bench.acc_small $on" \
+        "floor: acc_small"
+    record access "decrypt keyring, key_access_log = on, $n rows" \
+        "SELECT count(octet_length(manna_crypt.decrypt_gcm(c))) FROM bench.acc_small $logged" \
+        "floor: acc_small"
+
+    run access
+
+    # The recorded runs were counted: RUNS rounds of each recorded decrypt
+    # query (and of the LOG mode's), in the view; the others were not.
+    local want=$(( RUNS * (ROWS + n + n) )) got
+    got=$(bpsql -qAt -c "SELECT sum(calls) FROM manna_crypt.key_access
+                          WHERE keyring = 'bench_a' AND operation = 'decrypt'")
+    [ "$got" = "$want" ] || die "the view counts $got decryptions, expected $want"
+
+    echo
+    echo "== access: $ROWS rows, one core, best of $RUNS rounds (load average: $(cut -d' ' -f1-3 /proc/loadavg)) =="
+    report access
+    ratios access \
+        "'encrypt recorded / not recorded', 'encrypt keyring, recorded', 'encrypt keyring, not recorded', 1.02, 1" \
+        "'decrypt recorded / not recorded', 'decrypt keyring, recorded', 'decrypt keyring, not recorded', 1.02, 2"
+    # Whole queries on a shared 2-core machine vary by a few percent from
+    # round to round, more than the recording costs; so the recording's own
+    # cost is also timed alone (10^8 calls in one backend, best of 5) and
+    # set against the time of one keyring decryption measured above.
+    bpsql -P footer=off -v n="$n" -v rows="$ROWS" <<'SQL'
+SELECT round(((l.ms - r.ms) * 1000 / :n)::numeric, 2) AS "key_access_log = on: extra µs per call"
+FROM bench.results l, bench.results r
+WHERE l.section = 'access' AND l.name LIKE 'decrypt keyring, key_access_log = on%'
+  AND r.section = 'access' AND r.name LIKE 'decrypt keyring, recorded, %';
+WITH rec AS (
+    SELECT min(manna_crypt._bench_record_key_access_ns(100000000)) AS ns
+    FROM generate_series(1, 5)
+), dec AS (
+    SELECT (ms - (SELECT ms FROM bench.results WHERE section = 'access'
+                   AND name = 'floor: acc_ring')) * 1e6 / :rows AS ns
+    FROM bench.results WHERE section = 'access' AND name = 'decrypt keyring, not recorded'
+)
+SELECT round(rec.ns::numeric, 2) AS "recording: ns per call",
+       round(dec.ns::numeric, 1) AS "keyring decrypt: ns per call",
+       round((1 + rec.ns / dec.ns)::numeric, 4) AS "ratio (<= 1.02)"
+FROM rec, dec;
+SQL
 }
 
 # Protected columns: the trigger against calling encrypt_gcm in the INSERT
@@ -531,7 +615,8 @@ main() {
         declare -F "bench_$s" >/dev/null || die "unknown section '$s' (sections: ${SECTIONS[*]})"
     done
     # The benchmark build: the release build plus the uncounted baseline of
-    # the gcm section (a function no release has).
+    # the gcm section and the access section's switch (functions no release
+    # has).
     MC_CARGO_FEATURES=bench_uncounted "$MC_ROOT/scripts/setup.sh"
     start_cluster
     for s in "${wanted[@]}"; do

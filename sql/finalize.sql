@@ -185,3 +185,15 @@ COMMENT ON FUNCTION manna_crypt.blind_normalize(text, text) IS 'a value normaliz
 COMMENT ON FUNCTION manna_crypt.rotate_index_key(text) IS 'create a new active blind-index key for a keyring (the first, or the next version); older ones keep matching lookups until revoked';
 COMMENT ON FUNCTION manna_crypt.protected_columns() IS 'every protected column of this database with its keyring, AAD column and blind index';
 COMMENT ON FUNCTION manna_crypt._reencrypt_row(tid, text, text, bigint, bytea) IS 'internal: compute one row''s blind-index term inside a backfill batch, or record why not';
+-- Key access statistics: every key user sees the calls of the roles whose
+-- privileges it has (filtered inside _key_access()); admins see all and
+-- reset them.
+GRANT EXECUTE ON FUNCTION manna_crypt._key_access() TO manna_crypt_user;
+GRANT SELECT ON manna_crypt.key_access TO manna_crypt_user;
+GRANT EXECUTE ON FUNCTION
+    manna_crypt.reset_key_access_stats(),
+    manna_crypt.key_access_stats_status()
+  TO manna_crypt_admin;
+COMMENT ON FUNCTION manna_crypt._key_access() IS 'internal: this database''s key access counts the caller may see (the key_access view)';
+COMMENT ON FUNCTION manna_crypt.reset_key_access_stats() IS 'forget this database''s key access statistics when the transaction commits; recorded in the audit log';
+COMMENT ON FUNCTION manna_crypt.key_access_stats_status() IS 'the shared key access table: capacity, entries in use (every database), calls dropped for lack of room, retention in days';

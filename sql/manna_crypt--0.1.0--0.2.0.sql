@@ -527,3 +527,44 @@ $$;
 REVOKE EXECUTE ON PROCEDURE manna_crypt.backfill_blind_index(regclass, name, integer, boolean, bigint, boolean) FROM PUBLIC;
 GRANT EXECUTE ON PROCEDURE manna_crypt.backfill_blind_index(regclass, name, integer, boolean, bigint, boolean) TO manna_crypt_admin;
 COMMENT ON PROCEDURE manna_crypt.backfill_blind_index(regclass, name, integer, boolean, bigint, boolean) IS 'fill a protected column''s blind-index column with terms under the keyring''s active index key, committing per batch (after protect_column or rotate_index_key)';
+-- ---- 0.2.0: key access statistics (issue 13, part 3) ----
+-- Who used which keyring: counts in shared memory, read through
+-- _key_access() (filtered by the caller's roles) and the key_access view;
+-- reset and status for admins. See sql/access_stats.sql and finalize.sql.
+CREATE FUNCTION manna_crypt._key_access() RETURNS TABLE (
+    database oid, role_oid oid, keyring_id integer, operation text,
+    bucket_start timestamp with time zone, calls bigint)
+STRICT VOLATILE PARALLEL RESTRICTED
+LANGUAGE c AS 'MODULE_PATHNAME', '_key_access_wrapper';
+CREATE FUNCTION manna_crypt.reset_key_access_stats() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'reset_key_access_stats_wrapper';
+CREATE FUNCTION manna_crypt.key_access_stats_status() RETURNS TABLE (
+    capacity integer, entries integer, dropped_calls bigint, retention_days integer)
+STRICT VOLATILE PARALLEL SAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'key_access_stats_status_wrapper';
+
+CREATE VIEW manna_crypt.key_access AS
+SELECT d.datname AS database, a.role_oid, ro.rolname AS role, a.keyring_id,
+       r.name AS keyring, a.operation, a.bucket_start, a.calls
+  FROM manna_crypt._key_access() a
+  LEFT JOIN pg_catalog.pg_database d ON d.oid = a.database
+  LEFT JOIN pg_catalog.pg_roles ro ON ro.oid = a.role_oid
+  LEFT JOIN manna_crypt.keyrings r ON r.keyring_id = a.keyring_id;
+COMMENT ON VIEW manna_crypt.key_access IS 'encrypt, decrypt and blind-index calls per role, keyring and hour (UTC) in this database; admins see every role, others the roles whose privileges they have';
+
+REVOKE ALL ON manna_crypt.key_access FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION
+    manna_crypt._key_access(),
+    manna_crypt.reset_key_access_stats(),
+    manna_crypt.key_access_stats_status()
+  FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION manna_crypt._key_access() TO manna_crypt_user;
+GRANT SELECT ON manna_crypt.key_access TO manna_crypt_user;
+GRANT EXECUTE ON FUNCTION
+    manna_crypt.reset_key_access_stats(),
+    manna_crypt.key_access_stats_status()
+  TO manna_crypt_admin;
+COMMENT ON FUNCTION manna_crypt._key_access() IS 'internal: this database''s key access counts the caller may see (the key_access view)';
+COMMENT ON FUNCTION manna_crypt.reset_key_access_stats() IS 'forget this database''s key access statistics when the transaction commits; recorded in the audit log';
+COMMENT ON FUNCTION manna_crypt.key_access_stats_status() IS 'the shared key access table: capacity, entries in use (every database), calls dropped for lack of room, retention in days';

@@ -18,6 +18,7 @@ use manna_crypt_core::secret::Key32;
 use zeroize::Zeroizing;
 
 use crate::error::{McError, McResult};
+use crate::keys::access_stats::AccessOp;
 use crate::keys::budget;
 use crate::keys::cache::{self, ActiveKey};
 use crate::pg::xact::backend_pid;
@@ -126,11 +127,13 @@ pub fn seal_value(
         KeySource::Keyring(name) => {
             let key = cache::active_key(name)?;
             budget::count_encryption(&key.tally, key.key_id, name)?;
+            key.access.record(AccessOp::Encrypt, key.key_id);
             Ok(aead::seal(&key.cipher, key.key_id, nonce, aad, plaintext))
         }
         #[cfg(feature = "bench_uncounted")]
         KeySource::KeyringUncounted(name) => {
             let key = cache::active_key(name)?;
+            key.access.record(AccessOp::Encrypt, key.key_id);
             Ok(aead::seal(&key.cipher, key.key_id, nonce, aad, plaintext))
         }
     }
@@ -158,8 +161,11 @@ pub fn open_value(
             }
         }),
         None => {
-            let cipher = cache::key_for_decrypt(env.key_id)?;
-            aead::open(&cipher, &env, aad).map_err(|_| McError::Unauthenticated {
+            // Counted once the key is found, whether or not the value
+            // then authenticates: an attempt is an access too.
+            let key = cache::key_for_decrypt(env.key_id)?;
+            key.access.record(AccessOp::Decrypt, env.key_id);
+            aead::open(&key.cipher, &env, aad).map_err(|_| McError::Unauthenticated {
                 detail: format!(
                     "the AES-GCM authentication tag did not verify under key id {}",
                     env.key_id
@@ -180,6 +186,7 @@ pub fn seal_verified(
 ) -> McResult<String> {
     Form::Text.check(plaintext.len())?;
     budget::count_encryption(&key.tally, key.key_id, keyring)?;
+    key.access.record(AccessOp::Encrypt, key.key_id);
     let (cipher, key_id) = (&*key.cipher, key.key_id);
     let env = aead::seal(cipher, key_id, next_nonce(), aad, plaintext);
     let back = aead::open(cipher, &Envelope::parse(&env)?, aad)?;
@@ -198,9 +205,13 @@ pub fn open_token(token: &str, keyring: &str) -> McResult<Zeroizing<Vec<u8>>> {
 
 /// Decrypts an already parsed token with a Fernet keyring's keys.
 pub fn open_parsed_token(token: &Token, keyring: &str) -> McResult<Zeroizing<Vec<u8>>> {
-    let keys = cache::fernet_keys(keyring)?;
-    let (_, plaintext) = token.decrypt(keys.iter().map(|(_, k)| k))?;
-    Ok(plaintext)
+    let (keys, access) = cache::fernet_ring(keyring)?;
+    let result = token.decrypt(keys.iter().map(|(_, k)| k));
+    // Counted whether or not a key opened the token, as for AES-GCM; the
+    // LOG line names the key that did (the newest when none did).
+    let used = result.as_ref().map_or(0, |(i, _)| *i);
+    access.record(AccessOp::Decrypt, keys.get(used).map_or(0, |(id, _)| *id));
+    Ok(result?.1)
 }
 
 /// How a blind-index term is computed: the normalization and how many MAC
@@ -232,7 +243,10 @@ impl TermShape {
 pub fn index_term(keyring: &str, shape: TermShape, value: &str) -> McResult<Vec<u8>> {
     let ring = cache::index_ring(keyring)?;
     match ring.live.first() {
-        Some(key) if ring.has_active => Ok(key.term(shape.normalize, value, shape.mac_len)),
+        Some(key) if ring.has_active => {
+            ring.access.record(AccessOp::BlindIndex, key.key_id());
+            Ok(key.term(shape.normalize, value, shape.mac_len))
+        }
         _ => Err(McError::WrongState {
             message: format!("keyring \"{keyring}\" has no active blind-index key"),
             detail: Some("its active index key was revoked".into()),
@@ -248,6 +262,9 @@ pub fn index_term(keyring: &str, shape: TermShape, value: &str) -> McResult<Vec<
 /// backfill is under way.
 pub fn index_terms_all(keyring: &str, shape: TermShape, value: &str) -> McResult<Vec<Vec<u8>>> {
     let ring = cache::index_ring(keyring)?;
+    if let Some(key) = ring.live.first() {
+        ring.access.record(AccessOp::BlindIndex, key.key_id());
+    }
     Ok(ring
         .live
         .iter()

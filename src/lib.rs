@@ -62,6 +62,11 @@ extension_sql_file!(
         reencrypt::classify::value_class
     ]
 );
+extension_sql_file!(
+    "../sql/access_stats.sql",
+    name = "access_stats",
+    requires = ["bootstrap", keys::access_sql::_key_access]
+);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
@@ -73,6 +78,8 @@ pub extern "C-unwind" fn _PG_init() {
     // drops the server file's values of names not defined yet.
     keys::budget::register_settings();
     keys::counters::register_settings();
+    keys::access_table::register_settings();
+    keys::access_stats::register_settings();
     // A typo in a setting name (manna_crypt.root_key_flie) is an error, not
     // a silently accepted placeholder.
     // SAFETY: a NUL-terminated prefix; PostgreSQL copies it.
@@ -80,7 +87,12 @@ pub extern "C-unwind" fn _PG_init() {
     keys::cache::register_callback();
     // Shared memory exists only when preloaded; without it, root-key
     // operations refuse with a HINT (see keys::rootshared).
-    if pg::shmem::install(&[keys::rootshared::PART, keys::counters::PART]) {
+    let parts = &[
+        keys::rootshared::PART,
+        keys::counters::PART,
+        keys::access_table::PART,
+    ];
+    if pg::shmem::install(parts) {
         keys::rootshared::map_page();
     }
 }

@@ -4,6 +4,7 @@
 //! with `cargo test -p manna_crypt_core`. The extension's pgrx layer converts
 //! SQL arguments, finds keys and turns the errors defined here into SQLSTATEs.
 //!
+//! - [`access`]: hour buckets and the file format of the key access statistics;
 //! - [`envelope`]: the version-1 ciphertext format (binary and `mc1:` text form);
 //! - [`aead`]: AES-256-GCM seal/open with the envelope header bound into the AAD;
 //! - [`blind`]: blind index terms (keyed HMAC-SHA256 of normalized values);
@@ -16,6 +17,7 @@
 //! - [`names`]: the rule for keyring names;
 //! - [`classify`]: what a stored text value is (ciphertext, token, plaintext).
 
+pub mod access;
 pub mod aead;
 pub mod blind;
 pub mod budget;

@@ -31,6 +31,7 @@ use manna_crypt_core::secret::Key32;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use super::access_stats::{self, Access};
 use super::counters::Kind;
 use super::rootkey;
 use super::store::{self, Purpose, Status};
@@ -39,7 +40,7 @@ use crate::error::{McError, McResult};
 use crate::pg::security::{self, run_as, Identity};
 
 enum KeyEntry {
-    Usable { cipher: Rc<Cipher> },
+    Usable(DecryptKey),
     Unusable { keyring: String, status: Status },
     Fernet { keyring: String },
     Index { keyring: String },
@@ -53,12 +54,24 @@ pub struct ActiveKey {
     pub key_id: u32,
     pub cipher: Rc<Cipher>,
     pub tally: Rc<Tally>,
+    /// The session's access statistics of the keyring.
+    pub access: Rc<Access>,
 }
+
+/// A key that decrypts, with its keyring's access statistics cell.
+#[derive(Clone)]
+pub struct DecryptKey {
+    pub cipher: Rc<Cipher>,
+    pub access: Rc<Access>,
+}
+
+/// A Fernet keyring's usable keys, newest first, with its statistics cell.
+pub type FernetRing = (Rc<Vec<(u32, FernetKey)>>, Rc<Access>);
 
 enum RingEntry {
     Gcm(ActiveKey),
     NoActive,
-    Fernet(Rc<Vec<(u32, FernetKey)>>),
+    Fernet(FernetRing),
     Missing,
 }
 
@@ -67,6 +80,8 @@ enum RingEntry {
 pub struct IndexRing {
     pub live: Vec<BlindKey>,
     pub has_active: bool,
+    /// The keyring's access counts (blind-index calls).
+    pub access: Rc<Access>,
 }
 
 enum IndexEntry {
@@ -197,10 +212,10 @@ fn unknown_key(key_id: u32) -> McError {
 }
 
 /// The cipher for decrypting a value sealed under `key_id`.
-pub fn key_for_decrypt(key_id: u32) -> McResult<Rc<Cipher>> {
+pub fn key_for_decrypt(key_id: u32) -> McResult<DecryptKey> {
     check_stale();
     let answer = |e: &KeyEntry| match e {
-        KeyEntry::Usable { cipher } => Ok(cipher.clone()),
+        KeyEntry::Usable(key) => Ok(key.clone()),
         KeyEntry::Unusable { keyring, status } => Err(unusable_error(key_id, keyring, *status)),
         KeyEntry::Fernet { keyring } => Err(fernet_key_id(key_id, keyring)),
         KeyEntry::Index { keyring } => Err(McError::BadArgument {
@@ -251,9 +266,10 @@ fn load_key(key_id: u32) -> McResult<KeyEntry> {
         keyring: &row.keyring,
     };
     match (row.status, &row.wrapped) {
-        (Status::Active | Status::DecryptOnly, Some(w)) => Ok(KeyEntry::Usable {
+        (Status::Active | Status::DecryptOnly, Some(w)) => Ok(KeyEntry::Usable(DecryptKey {
             cipher: Rc::new(Cipher::new(&unwrap_key(&slot, w)?)),
-        }),
+            access: access_stats::cell(row.keyring_id, &row.keyring),
+        })),
         (status, _) => Ok(KeyEntry::Unusable {
             keyring: row.keyring,
             status,
@@ -315,14 +331,19 @@ fn ring_lookup<T>(keyring: &str, answer: impl Fn(&RingEntry) -> McResult<T>) -> 
 
 /// The Fernet keys of a keyring, newest first (tried in that order).
 pub fn fernet_keys(keyring: &str) -> McResult<Rc<Vec<(u32, FernetKey)>>> {
+    fernet_ring(keyring).map(|(keys, _)| keys)
+}
+
+/// As [`fernet_keys`], with the keyring's access statistics cell.
+pub fn fernet_ring(keyring: &str) -> McResult<FernetRing> {
     check_stale();
     let answer = |e: &RingEntry| match e {
-        RingEntry::Fernet(keys) if keys.is_empty() => Err(McError::WrongState {
+        RingEntry::Fernet((keys, _)) if keys.is_empty() => Err(McError::WrongState {
             message: format!("Fernet keyring \"{keyring}\" has no usable key"),
             detail: Some("all its keys are revoked or destroyed".into()),
             hint: None,
         }),
-        RingEntry::Fernet(keys) => Ok(keys.clone()),
+        RingEntry::Fernet(ring) => Ok(ring.clone()),
         RingEntry::Missing => Err(McError::unknown_keyring(keyring)),
         RingEntry::Gcm(_) | RingEntry::NoActive => Err(McError::BadArgument {
             message: format!("keyring \"{keyring}\" is an AES-GCM keyring, not a Fernet keyring"),
@@ -354,7 +375,8 @@ fn load_ring(keyring: &str) -> McResult<RingEntry> {
         for (id, _, wrapped) in &ring.keys {
             keys.push((*id, FernetKey::from_key32(unwrap_key(&slot(*id), wrapped)?)));
         }
-        return Ok(RingEntry::Fernet(Rc::new(keys)));
+        let access = access_stats::cell(ring.keyring_id, keyring);
+        return Ok(RingEntry::Fernet((Rc::new(keys), access)));
     }
     let active = ring
         .keys
@@ -365,6 +387,7 @@ fn load_ring(keyring: &str) -> McResult<RingEntry> {
             key_id: *id,
             cipher: Rc::new(Cipher::new(&unwrap_key(&slot(*id), wrapped)?)),
             tally: tally::tally(Kind::Encryptions, *id),
+            access: access_stats::cell(ring.keyring_id, keyring),
         })),
         None => Ok(RingEntry::NoActive),
     }
@@ -418,7 +441,12 @@ fn load_index_ring(keyring: &str) -> McResult<IndexEntry> {
         live.push(BlindKey::new(&unwrap_key(&slot, wrapped)?, *id, keyring));
     }
     let has_active = ring.keys[0].1 == Status::Active;
-    Ok(IndexEntry::Keys(Rc::new(IndexRing { live, has_active })))
+    let access = access_stats::cell(ring.keyring_id, keyring);
+    Ok(IndexEntry::Keys(Rc::new(IndexRing {
+        live,
+        has_active,
+        access,
+    })))
 }
 
 /// SQL hook for the statement triggers on the key tables: queue a relcache

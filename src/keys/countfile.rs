@@ -13,7 +13,7 @@
 use std::ffi::CStr;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use manna_crypt_core::budget::{self, Counts};
 use pgrx::pg_sys;
@@ -60,18 +60,27 @@ pub fn write(db: u32, counts: &Counts) -> McResult<()> {
 }
 
 fn write_io(db: u32, counts: &Counts) -> std::io::Result<()> {
-    let dir = dir();
-    fs::create_dir_all(&dir)?;
-    let tmp = dir.join(format!("db_{db}.tmp{}", std::process::id()));
+    replace_durably(
+        &dir(),
+        &format!("db_{db}"),
+        budget::format(counts).as_bytes(),
+    )
+}
+
+/// Replaces `dir/name` with `bytes` durably (see the module comment); also
+/// the key access statistics' file ([`super::access_file`]).
+pub fn replace_durably(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!("{name}.tmp{}", std::process::id()));
     let result = (|| {
         let mut f = File::create(&tmp)?;
-        f.write_all(budget::format(counts).as_bytes())?;
+        f.write_all(bytes)?;
         if sync_wanted() {
             f.sync_all()?;
         }
-        fs::rename(&tmp, path(db))?;
+        fs::rename(&tmp, dir.join(name))?;
         if sync_wanted() {
-            File::open(&dir)?.sync_all()?;
+            File::open(dir)?.sync_all()?;
         }
         Ok(())
     })();

@@ -19,6 +19,10 @@
 //! - [`tally`]: one backend's blocks of those counters, given back at exit;
 //! - [`budget`]: the nonce budget of data keys: settings, the count on every
 //!   encryption, the WARNING, `_key_usage()` for the `keys` view;
+//! - [`access_file`], [`access_table`], [`access_stats`]: who used which
+//!   keyring: the statistics' file, the shared table of calls per (database,
+//!   role, keyring, operation, hour), and each backend's cells beside its
+//!   cached keys, handed over at transaction end;
 //! - [`cache`]: unwrapped data keys per backend, invalidated by relcache
 //!   messages so a revocation is seen by every session at its next transaction;
 //! - [`usage`]: registered columns and how many values a key still protects;
@@ -27,10 +31,15 @@
 //! - [`indexkeys`]: blind-index keys: creation and rotation;
 //! - [`secret_file`]: reading a secret from a strictly owned server file;
 //! - [`import`]: Fernet keys imported from a server file (no SQL text);
-//! - [`info`]: the `info()` overview.
+//! - [`info`]: the `info()` overview;
+//! - [`access_sql`]: the `key_access` view's function, the reset, the status.
 //!
 //! Nothing here knows about re-encryption or locking, which sit above.
 
+pub mod access_file;
+pub mod access_sql;
+pub mod access_stats;
+pub mod access_table;
 pub mod budget;
 pub mod cache;
 pub mod counters;

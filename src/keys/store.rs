@@ -74,12 +74,12 @@ fn sql(statement: &str) -> String {
 }
 
 const KEY_BY_ID: &str = "\
-    SELECT r.name, {kind}, k.status, k.wrapped \
+    SELECT r.name, {kind}, k.status, k.wrapped, r.keyring_id \
       FROM manna_crypt.data_keys k JOIN manna_crypt.keyrings r USING (keyring_id) \
      WHERE k.key_id = $1";
 
 const RING_BY_NAME: &str = "\
-    SELECT r.kind, k.key_id::int8, k.status, k.wrapped \
+    SELECT r.kind, k.key_id::int8, k.status, k.wrapped, r.keyring_id \
       FROM manna_crypt.keyrings r \
       LEFT JOIN manna_crypt.data_keys k ON k.keyring_id = r.keyring_id \
            AND k.status IN ('active', 'decrypt_only') \
@@ -117,6 +117,7 @@ fn check_row(r: &spi::Row) -> McResult<StoredCheck> {
 /// A data key as the cache needs it.
 pub struct KeyRow {
     pub keyring: String,
+    pub keyring_id: u32,
     pub kind: KeyKind,
     pub status: Status,
     pub wrapped: Option<Vec<u8>>,
@@ -129,6 +130,7 @@ pub fn key_by_id(key_id: u32) -> McResult<Option<KeyRow>> {
             kind: kind(&r.req::<String>(2)?)?,
             status: Status::parse(&r.req::<String>(3)?),
             wrapped: r.get(4)?,
+            keyring_id: r.req::<i32>(5)? as u32,
         })
     })?;
     Ok(rows.into_iter().next())
@@ -156,6 +158,7 @@ impl Purpose {
 
 /// A keyring's usable keys (active and decrypt_only), newest first.
 pub struct RingRows {
+    pub keyring_id: u32,
     pub fernet: bool,
     /// (key id, status, wrapped key); empty when the keyring has none.
     pub keys: Vec<(u32, Status, Vec<u8>)>,
@@ -163,22 +166,26 @@ pub struct RingRows {
 
 /// `None` when the keyring does not exist.
 pub fn ring_by_name(name: &str, purpose: Purpose) -> McResult<Option<RingRows>> {
-    type Raw = (String, Option<i64>, Option<String>, Option<Vec<u8>>);
+    type Raw = (String, Option<i64>, Option<String>, Option<Vec<u8>>, i32);
     let args = [name.into(), purpose.as_str().into()];
     let raw: Vec<Raw> = spi::rows(Mode::Read, &sql(RING_BY_NAME), &args, |r| {
-        Ok((r.req(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        Ok((r.req(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.req(5)?))
     })?;
     let Some(first) = raw.first() else {
         return Ok(None);
     };
-    let fernet = first.0 == "fernet";
+    let (fernet, keyring_id) = (first.0 == "fernet", first.4 as u32);
     let keys = raw
         .into_iter()
-        .filter_map(|(_, id, status, wrapped)| {
+        .filter_map(|(_, id, status, wrapped, _)| {
             Some((id? as u32, Status::parse(&status?), wrapped?))
         })
         .collect();
-    Ok(Some(RingRows { fernet, keys }))
+    Ok(Some(RingRows {
+        keyring_id,
+        fernet,
+        keys,
+    }))
 }
 
 /// Every key id a keyring ever had.

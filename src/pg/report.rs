@@ -465,6 +465,31 @@ pub fn log_server(message: impl Into<String>) {
     send(LOG_SERVER_ONLY, message.into(), None);
 }
 
+/// As [`log_server`], without the statement and without the context lines
+/// (COPY's context quotes the raw input line): for a LOG line written while
+/// a statement that may carry plaintexts runs.
+pub fn log_server_alone(message: impl Into<String>) {
+    let report = Report {
+        elevel: LOG_SERVER_ONLY,
+        message: message.into(),
+        ..Default::default()
+    };
+    let edata = report.to_error_data();
+    // SAFETY: as in `send`. ThrowErrorData copies no hide_stmt flag, so
+    // the statement (the STATEMENT line, csvlog/jsonlog's query field) and
+    // the context stack are taken away only for this call (a LOG returns
+    // normally) and put back.
+    unsafe {
+        let (query, stack) = (pg_sys::debug_query_string, pg_sys::error_context_stack);
+        pg_sys::debug_query_string = ptr::null();
+        pg_sys::error_context_stack = ptr::null_mut();
+        pg_sys::ThrowErrorData(edata);
+        pg_sys::debug_query_string = query;
+        pg_sys::error_context_stack = stack;
+        pg_sys::FreeErrorData(edata);
+    }
+}
+
 fn send(elevel: i32, message: String, hint: Option<String>) {
     let code = match elevel {
         WARNING => PgSqlErrorCode::ERRCODE_WARNING as i32,

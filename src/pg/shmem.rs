@@ -135,6 +135,16 @@ impl Held {
         unsafe { pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE) };
         Held(lock)
     }
+
+    /// As [`Held::exclusive`], in shared mode.
+    ///
+    /// # Safety
+    /// As for [`Held::exclusive`].
+    pub unsafe fn shared(lock: *mut pg_sys::LWLock) -> Held {
+        // SAFETY: the caller's contract.
+        unsafe { pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_SHARED) };
+        Held(lock)
+    }
 }
 
 impl Drop for Held {

@@ -13,7 +13,8 @@ use std::rc::Rc;
 use manna_crypt_core::blind;
 
 use crate::crypto::{index_term, open_parsed_token, open_value, seal_verified, TermShape};
-use crate::error::McResult;
+use crate::error::{McError, McResult};
+use crate::keys::access_stats::AccessOp;
 use crate::keys::cache::{self, ActiveKey, IndexRing};
 use crate::keys::store;
 use crate::pg::datum::is_text;
@@ -90,12 +91,18 @@ pub struct Keys {
 impl Keys {
     pub fn fetch(mode: &Mode) -> McResult<Keys> {
         if let Mode::BlindIndex { keyring, shape, .. } = mode {
-            // Fails here, before any row, when there is no active index key.
-            let term = index_term(keyring, *shape, "")?;
+            let ring = cache::index_ring(keyring)?;
+            let target_id = match ring.live.first() {
+                Some(key) if ring.has_active => key.key_id(),
+                // Fails here, before any row: the keyring's error for it.
+                _ => return Err(index_term(keyring, *shape, "").err().unwrap_or_else(|| {
+                    McError::Internal("no active index key".into())
+                })),
+            };
             return Ok(Keys {
-                target_id: blind::term_key_id(&term).unwrap_or(0),
+                target_id,
                 target: None,
-                index: Some(cache::index_ring(keyring)?),
+                index: Some(ring),
                 target_ring: keyring.clone(),
                 ring_ids: HashSet::new(),
             });
@@ -248,8 +255,9 @@ fn index(keys: &Keys, shape: TermShape, value: &str, aad: &[u8], current: Option
     let Ok(text) = std::str::from_utf8(&plaintext) else {
         return fail(class, "plaintext is not UTF-8 text");
     };
-    let Some(key) = keys.index.as_ref().and_then(|r| r.live.first()) else {
+    let Some((ring, key)) = keys.index.as_ref().and_then(|r| Some((r, r.live.first()?))) else {
         return fail(class, "internal: no index key for this run");
     };
+    ring.access.record(AccessOp::BlindIndex, key.key_id());
     Outcome::Convert(hex::encode(key.term(shape.normalize, text, shape.mac_len)))
 }

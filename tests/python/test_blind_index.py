@@ -383,3 +383,22 @@ def test_retiring_waits_for_transactions_older_than_the_rotation(users, fresh_db
     c.execute("CALL manna_crypt.backfill_blind_index('users', 'email')")
     c.execute("SELECT manna_crypt.revoke_key(%s)", (old,))
     assert lookup(c, "late@x.io") == [99]
+
+
+def test_blind_index_calls_are_counted_per_role(users, fresh_db):
+    """The key_access view (README "Who used which key") counts terms
+    computed: lookups, the trigger's and the backfill's."""
+    c = users
+    fill(c, 5)
+    for i in range(7):
+        lookup(c, f"user{i}@example.com")
+    with connect(fresh_db) as other:  # a new transaction: the counts are handed over at its end
+        rows = other.execute(
+            "SELECT operation, sum(calls)::int FROM manna_crypt.key_access "
+            "WHERE keyring = 'pii' GROUP BY 1 ORDER BY 1").fetchall()
+    got = dict(rows)
+    # 5 rows written by the trigger (one term each) and 7 lookups, each of
+    # which the planner may evaluate once more to estimate its selectivity
+    # (a custom plan folds a STABLE call with its parameter).
+    assert 5 + 7 <= got.get("blind_index", 0) <= 5 + 2 * 7, got
+    assert got.get("encrypt") == 5 and "decrypt" not in got, got
