@@ -13,7 +13,8 @@
 //! - [`fernet`]: reading (and, for tests, writing) legacy Fernet tokens;
 //! - [`secret`]: a 32-byte key type that is wiped when dropped;
 //! - [`names`]: the rule for keyring names;
-//! - [`classify`]: what a stored text value is (ciphertext, token, plaintext).
+//! - [`classify`]: what a stored text value is (ciphertext, token, plaintext);
+//! - [`sqllex`]: a lexer that cannot fail, to redact literals in logged SQL.
 
 pub mod aead;
 pub mod budget;
@@ -24,3 +25,4 @@ pub mod keywrap;
 pub mod names;
 pub mod nonce;
 pub mod secret;
+pub mod sqllex;
