@@ -10,7 +10,8 @@
 //! 2. [`keys`]: the root key, the key tables, the key cache, the lifecycle;
 //! 3. [`crypto`]: the seal/open service every SQL surface shares;
 //! 4. the SQL surfaces: [`gcm`], [`fernet`], [`any`], [`locking`], [`reencrypt`],
-//!    [`protect`].
+//!    [`protect`]; and [`redact`], which keeps their plaintexts out of the
+//!    server log.
 
 use pgrx::prelude::*;
 
@@ -23,6 +24,7 @@ mod keys;
 mod locking;
 mod pg;
 mod protect;
+mod redact;
 mod reencrypt;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -72,11 +74,15 @@ pub extern "C-unwind" fn _PG_init() {
     // drops the server file's values of names not defined yet.
     keys::budget::register_settings();
     keys::counters::register_settings();
+    redact::register_settings();
     // A typo in a setting name (manna_crypt.root_key_flie) is an error, not
     // a silently accepted placeholder.
     // SAFETY: a NUL-terminated prefix; PostgreSQL copies it.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"manna_crypt".as_ptr()) };
     keys::cache::register_callback();
+    // Log redaction: installed in the postmaster, so inherited by every
+    // backend, parallel worker and the postmaster's own crash report.
+    redact::install();
     // Shared memory exists only when preloaded; without it, root-key
     // operations refuse with a HINT (see keys::rootshared).
     if pg::shmem::install(&[keys::rootshared::PART, keys::counters::PART]) {

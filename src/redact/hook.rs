@@ -1,0 +1,247 @@
+//! The `emit_log_hook`: for each line a process is about to write to the
+//! server log, decides whether it belongs to a sensitive statement and
+//! rewrites its fields ([`super::rules`]).
+//!
+//! It runs inside PostgreSQL's error reporting, often while an ERROR is
+//! being reported: no catalog access, no `ereport`, no allocation that can
+//! raise (`MCXT_ALLOC_NO_OOM`), and no panic may unwind into C. If anything
+//! goes wrong, the line is not written to the server log at all
+//! (`output_to_server = false`): hidden rather than leaked.
+//!
+//! The `STATEMENT:` line and the csvlog/jsonlog `query` field print
+//! `debug_query_string`, which the hook cannot rewrite in place: it points
+//! it at a redacted copy this backend owns, for the rest of the statement
+//! (PostgreSQL resets it for the next one). Fields the hook rewrites are
+//! also what the client receives for the same error (PostgreSQL sends one
+//! `ErrorData` to both), so an application sees `"<redacted>"` in place
+//! of the value it sent in a sensitive statement's type error.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, CStr, CString};
+
+use pgrx::pg_sys::{self, ErrorData};
+
+use super::rules::{self, Line, FIELD_MARK};
+use super::{watch, Mode};
+use crate::pg::report;
+
+static mut PREVIOUS: pg_sys::emit_log_hook_type = None;
+
+/// The statement of this backend whose `debug_query_string` now points at
+/// `redacted`.
+struct Current {
+    original: Vec<u8>,
+    redacted: CString,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<Current>> = const { RefCell::new(None) };
+}
+
+pub fn install() {
+    // SAFETY: _PG_init, single-threaded; the previous hook is chained.
+    unsafe {
+        PREVIOUS = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(on_emit);
+    }
+}
+
+/// No `#[pg_guard]`: nothing in here may raise, and a panic is caught
+/// below, so neither a longjmp nor an unwind crosses this frame. Redacts
+/// first, so a previous hook (a log shipper) sees the redacted line too.
+unsafe extern "C-unwind" fn on_emit(edata: *mut ErrorData) {
+    if !edata.is_null() && super::mode() != Mode::Off {
+        // SAFETY: PostgreSQL's ErrorData for the line being reported.
+        let done = report::in_callback(|| unsafe { redact(&mut *edata) });
+        if done != Some(true) {
+            // SAFETY: as above.
+            unsafe { (*edata).output_to_server = false };
+        }
+    }
+    // SAFETY: chaining with PostgreSQL's argument.
+    unsafe {
+        if let Some(previous) = PREVIOUS {
+            previous(edata);
+        }
+    }
+}
+
+/// # Safety: `p` is NULL or NUL-terminated.
+unsafe fn bytes<'a>(p: *const c_char) -> Option<&'a [u8]> {
+    // SAFETY: as the caller promises.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_bytes())
+}
+
+/// Replaces one field with `new`, allocated where PostgreSQL frees it.
+/// False if memory ran out (the caller then hides the line).
+///
+/// # Safety: `field` is a field of `edata`.
+unsafe fn replace(edata: &ErrorData, field: &mut *mut c_char, new: &[u8]) -> bool {
+    // SAFETY: PostgreSQL's allocator in the line's own context; NO_OOM
+    // returns NULL instead of raising, HUGE allows any length we make.
+    unsafe {
+        let old = bytes(*field);
+        if old == Some(new) {
+            return true;
+        }
+        let cxt = if edata.assoc_context.is_null() {
+            pg_sys::ErrorContext
+        } else {
+            edata.assoc_context
+        };
+        let flags = (pg_sys::MCXT_ALLOC_NO_OOM | pg_sys::MCXT_ALLOC_HUGE) as i32;
+        let p = pg_sys::MemoryContextAllocExtended(cxt, new.len() + 1, flags).cast::<u8>();
+        if p.is_null() {
+            return false;
+        }
+        std::ptr::copy_nonoverlapping(new.as_ptr(), p, new.len());
+        *p.add(new.len()) = 0;
+        if !field.is_null() {
+            pg_sys::pfree((*field).cast());
+        }
+        *field = p.cast();
+        true
+    }
+}
+
+/// # Safety: `edata` is PostgreSQL's line being reported.
+unsafe fn redact(edata: &mut ErrorData) -> bool {
+    // SAFETY: PostgreSQL's globals, read on the backend's thread.
+    let (scs, in_postmaster, dqs) = unsafe {
+        (
+            pg_sys::standard_conforming_strings,
+            !pg_sys::IsUnderPostmaster && pg_sys::IsPostmasterEnvironment,
+            pg_sys::debug_query_string,
+        )
+    };
+    if in_postmaster {
+        // `Failed process was running: ...` after a crash: the postmaster
+        // cannot judge the statement, so its literals always go.
+        // SAFETY: fields of the line.
+        return unsafe { rewrite(edata, |f, _| (f == Field::Detail).then(|| f.sql(scs))) };
+    }
+    // SAFETY: NULL or NUL-terminated.
+    let Some(text) = (unsafe { bytes(dqs) }) else {
+        return true;
+    };
+    let ours = CURRENT.with(|c| {
+        c.borrow()
+            .as_ref()
+            .is_some_and(|c| c.redacted.as_ptr() == dqs)
+    });
+    let sensitive = ours
+        || super::mode() == Mode::All
+        || watch::is_marked(text)
+        || watch::text_is_sensitive(text, scs);
+    if !sensitive {
+        return true;
+    }
+    if !ours {
+        let redacted = rules::sql(text, scs);
+        let Ok(redacted) = CString::new(redacted) else {
+            return false;
+        };
+        let original = text.to_vec();
+        CURRENT.with(|c| *c.borrow_mut() = Some(Current { original, redacted }));
+    }
+    // SAFETY: fields of the line; the statement copy lives in CURRENT.
+    unsafe {
+        let done = CURRENT.with(|c| {
+            let c = c.borrow();
+            let Some(cur) = c.as_ref() else { return false };
+            let redacted = cur.redacted.as_bytes();
+            rewrite_sensitive(edata, &cur.original, redacted, scs)
+        });
+        CURRENT.with(|c| {
+            if let Some(cur) = c.borrow().as_ref() {
+                pg_sys::debug_query_string = cur.redacted.as_ptr();
+            }
+        });
+        done
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Message,
+    Detail,
+    Hint,
+    Context,
+    InternalQuery,
+}
+
+impl Field {
+    fn sql(self, scs: bool) -> impl FnOnce(&[u8]) -> Vec<u8> {
+        move |t| rules::sql(t, scs)
+    }
+}
+
+type Rule<'a> = Box<dyn FnOnce(&[u8]) -> Vec<u8> + 'a>;
+
+/// Applies `rule(field, message)` to every field it returns a rewrite for.
+///
+/// # Safety: `edata` is PostgreSQL's line being reported.
+unsafe fn rewrite<'a, R, F>(edata: &mut ErrorData, rule: R) -> bool
+where
+    R: Fn(Field, &[u8]) -> Option<F>,
+    F: FnOnce(&[u8]) -> Vec<u8> + 'a,
+{
+    // SAFETY: the line's own fields, NUL-terminated or NULL.
+    unsafe {
+        let message = bytes(edata.message).unwrap_or_default().to_vec();
+        let fields = [
+            (Field::Message, &raw mut edata.message),
+            (Field::Detail, &raw mut edata.detail),
+            (Field::Detail, &raw mut edata.detail_log),
+            (Field::Hint, &raw mut edata.hint),
+            (Field::Context, &raw mut edata.context),
+            (Field::InternalQuery, &raw mut edata.internalquery),
+        ];
+        for (kind, ptr) in fields {
+            let Some(old) = bytes(*ptr) else { continue };
+            let Some(f) = rule(kind, &message) else {
+                continue;
+            };
+            let new = f(old);
+            if !replace(edata, &mut *ptr, &new) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// # Safety: `edata` is PostgreSQL's line being reported.
+unsafe fn rewrite_sensitive(
+    edata: &mut ErrorData,
+    original: &[u8],
+    redacted: &[u8],
+    scs: bool,
+) -> bool {
+    // SAFETY: as the caller promises.
+    let (id, message) = unsafe { (bytes(edata.message_id), bytes(edata.message)) };
+    let line = rules::classify(id.unwrap_or_default(), message.unwrap_or_default());
+    let class = rules::class(edata.sqlerrcode);
+    let value_error = class == *b"22" || class == *b"23";
+    let rule = |field: Field, _msg: &[u8]| -> Option<Rule<'_>> {
+        Some(match (field, line) {
+            (Field::Message, Line::Statement) => {
+                Box::new(move |t| rules::statement_line(t, original, redacted, scs))
+            }
+            (Field::Message, Line::Plan) => Box::new(move |t| rules::plan(t, scs)),
+            (Field::Message, _) if value_error => Box::new(move |t| rules::values(t, scs)),
+            (Field::Message, _) => return None,
+            (Field::Detail, Line::NodeDump) => Box::new(|_| FIELD_MARK.as_bytes().to_vec()),
+            (Field::Detail | Field::Hint, _) if class == *b"23" => Box::new(rules::row_detail),
+            (Field::Detail | Field::Hint, _) if value_error => {
+                Box::new(move |t| rules::values(t, scs))
+            }
+            (Field::Detail, _) => Box::new(move |t| rules::sql(t, scs)),
+            (Field::Hint, _) => return None,
+            (Field::Context, _) => Box::new(move |t| rules::context(t, scs)),
+            (Field::InternalQuery, _) => Box::new(move |t| rules::sql(t, scs)),
+        })
+    };
+    // SAFETY: as the caller promises.
+    unsafe { rewrite(edata, rule) }
+}
