@@ -367,9 +367,44 @@ pub fn name_of(text: &[u8], t: Token) -> Option<Vec<u8>> {
 /// Whether `text` names something `watched` cares about: `watched(name,
 /// called)` is asked for every identifier, `called` telling whether a `(`
 /// follows it (past white space and comments), as after a function's name.
-pub fn mentions(text: &[u8], scs: bool, mut watched: impl FnMut(&[u8], bool) -> bool) -> bool {
-    let tokens: Vec<Token> = Lexer::new(text, Options::sql(scs)).collect();
+///
+/// The bodies of string literals are read as SQL too (a `DO` block or a
+/// function body is a dollar-quoted string), a few levels deep: a name in
+/// a literal then counts, which errs towards redacting.
+pub fn mentions(text: &[u8], scs: bool, watched: impl FnMut(&[u8], bool) -> bool) -> bool {
+    mentions_in(text, Options::sql(scs), watched)
+}
+
+/// [`mentions`] in text read with `opts` (a plan, where SQL sits inside
+/// double quotes, is read with [`Options::quoting`]).
+pub fn mentions_in(
+    text: &[u8],
+    opts: Options,
+    mut watched: impl FnMut(&[u8], bool) -> bool,
+) -> bool {
+    mentions_at(text, opts, &mut watched, 0)
+}
+
+const BODY_DEPTH: usize = 3;
+
+fn mentions_at(
+    text: &[u8],
+    opts: Options,
+    watched: &mut dyn FnMut(&[u8], bool) -> bool,
+    depth: usize,
+) -> bool {
+    let tokens: Vec<Token> = Lexer::new(text, opts).collect();
+    let scs = opts.standard_conforming_strings;
     tokens.iter().enumerate().any(|(n, &t)| {
+        if t.kind == Kind::String {
+            return depth < BODY_DEPTH
+                && mentions_at(
+                    body(&text[t.start..t.end]),
+                    Options::sql(scs),
+                    watched,
+                    depth + 1,
+                );
+        }
         let Some(name) = name_of(text, t) else {
             return false;
         };
@@ -382,6 +417,29 @@ pub fn mentions(text: &[u8], scs: bool, mut watched: impl FnMut(&[u8], bool) -> 
             .is_some_and(|u| text[u.start] == b'(');
         watched(&name, called)
     })
+}
+
+/// A string literal's contents, roughly: past the opening delimiter (a
+/// prefix and quote, or a dollar tag) and before the closing one.
+fn body(literal: &[u8]) -> &[u8] {
+    let open = if literal.first() == Some(&b'$') {
+        literal[1..]
+            .iter()
+            .position(|&b| b == b'$')
+            .map_or(literal.len(), |p| p + 2)
+    } else {
+        literal
+            .iter()
+            .position(|&b| b == b'\'')
+            .map_or(literal.len(), |p| p + 1)
+    };
+    let inner = &literal[open.min(literal.len())..];
+    let close = if literal.first() == Some(&b'$') {
+        open.min(inner.len())
+    } else {
+        1
+    };
+    &inner[..inner.len().saturating_sub(close)]
 }
 
 #[cfg(test)]

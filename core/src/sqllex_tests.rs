@@ -106,11 +106,24 @@ fn names_and_calls() {
     assert!(seen.contains(&("manna_crypt".into(), false)));
     assert!(seen.contains(&("encrypt_gcm".into(), true)));
     assert!(mentions(text, true, |n, _| n == b"manna_crypt"));
-    // A name inside a literal or comment is no name.
-    assert!(!mentions(
-        b"select 'manna_crypt' -- manna_crypt",
+    // A name inside a comment is no name.
+    assert!(!mentions(b"select 1 -- manna_crypt", true, |n, _| n == b"manna_crypt"));
+    // Inside a DO block's body (a dollar-quoted string), a name counts.
+    let watch = |n: &[u8], _: bool| n == b"manna_crypt";
+    assert!(mentions(
+        b"DO $$BEGIN PERFORM manna_crypt.x('s'); END$$",
         true,
-        |n, _| n == b"manna_crypt"
+        watch
+    ));
+    assert!(mentions(
+        b"DO $f$ BEGIN EXECUTE 'select manna_crypt.x()'; END $f$",
+        true,
+        watch
+    ));
+    assert!(mentions(
+        b"DO 'BEGIN PERFORM manna_crypt.x(); END'",
+        true,
+        watch
     ));
     assert!(mentions(b"select info /*c*/ (1)", true, |n, c| n
         == b"info"

@@ -19,6 +19,7 @@
 use std::cell::RefCell;
 use std::ffi::{c_char, CStr, CString};
 
+use manna_crypt_core::sqllex::Options;
 use pgrx::pg_sys::{self, ErrorData};
 
 use super::rules::{self, Line, FIELD_MARK};
@@ -120,45 +121,63 @@ unsafe fn redact(edata: &mut ErrorData) -> bool {
         // SAFETY: fields of the line.
         return unsafe { rewrite(edata, |f, _| (f == Field::Detail).then(|| f.sql(scs))) };
     }
-    // SAFETY: NULL or NUL-terminated.
-    let Some(text) = (unsafe { bytes(dqs) }) else {
-        return true;
+    // SAFETY: fields of the line and the global, NUL-terminated or NULL.
+    let (line, text) = unsafe {
+        let id = bytes(edata.message_id).unwrap_or_default();
+        (
+            rules::classify(id, bytes(edata.message).unwrap_or_default()),
+            bytes(dqs),
+        )
     };
     let ours = CURRENT.with(|c| {
         c.borrow()
             .as_ref()
             .is_some_and(|c| c.redacted.as_ptr() == dqs)
     });
-    let sensitive = ours
-        || super::mode() == Mode::All
-        || watch::is_marked(text)
-        || watch::text_is_sensitive(text, scs);
+    let all = super::mode() == Mode::All;
+    let by_statement = text.map(|t| {
+        ours || all || watch::is_marked(t) || watch::text_is_sensitive(t, Options::sql(scs))
+    });
+    let sensitive = by_statement.unwrap_or(false)
+        || match line {
+            // A portal's plan is often logged after its statement ended
+            // (debug_query_string NULL or already the next statement's):
+            // the plan's own text is judged too.
+            // SAFETY: the line's message, NUL-terminated or NULL.
+            Line::Plan => {
+                all || unsafe { bytes(edata.message) }
+                    .is_some_and(|m| watch::text_is_sensitive(m, Options::quoting(scs)))
+            }
+            // A node tree without its statement cannot be judged.
+            Line::NodeDump => by_statement.is_none(),
+            _ => false,
+        };
     if !sensitive {
         return true;
     }
+    let Some(text) = text else {
+        // SAFETY: fields of the line.
+        return unsafe { rewrite_sensitive(edata, line, b"", b"", scs) };
+    };
     if !ours {
-        let redacted = rules::sql(text, scs);
-        let Ok(redacted) = CString::new(redacted) else {
+        let Ok(redacted) = CString::new(rules::sql(text, scs)) else {
             return false;
         };
         let original = text.to_vec();
         CURRENT.with(|c| *c.borrow_mut() = Some(Current { original, redacted }));
     }
-    // SAFETY: fields of the line; the statement copy lives in CURRENT.
-    unsafe {
-        let done = CURRENT.with(|c| {
-            let c = c.borrow();
-            let Some(cur) = c.as_ref() else { return false };
-            let redacted = cur.redacted.as_bytes();
-            rewrite_sensitive(edata, &cur.original, redacted, scs)
-        });
-        CURRENT.with(|c| {
-            if let Some(cur) = c.borrow().as_ref() {
-                pg_sys::debug_query_string = cur.redacted.as_ptr();
-            }
-        });
-        done
-    }
+    CURRENT.with(|c| {
+        let c = c.borrow();
+        let Some(cur) = c.as_ref() else { return false };
+        // SAFETY: fields of the line; the statement copy lives in CURRENT
+        // until the next sensitive statement, and PostgreSQL points
+        // debug_query_string elsewhere before then.
+        unsafe {
+            let done = rewrite_sensitive(edata, line, &cur.original, cur.redacted.as_bytes(), scs);
+            pg_sys::debug_query_string = cur.redacted.as_ptr();
+            done
+        }
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -214,15 +233,14 @@ where
 /// # Safety: `edata` is PostgreSQL's line being reported.
 unsafe fn rewrite_sensitive(
     edata: &mut ErrorData,
+    line: Line,
     original: &[u8],
     redacted: &[u8],
     scs: bool,
 ) -> bool {
-    // SAFETY: as the caller promises.
-    let (id, message) = unsafe { (bytes(edata.message_id), bytes(edata.message)) };
-    let line = rules::classify(id.unwrap_or_default(), message.unwrap_or_default());
     let class = rules::class(edata.sqlerrcode);
-    let value_error = class == *b"22" || class == *b"23";
+    // Syntax errors quote the token they stopped at, a literal included.
+    let value_error = class == *b"22" || class == *b"23" || is_syntax_error(edata.sqlerrcode);
     let rule = |field: Field, _msg: &[u8]| -> Option<Rule<'_>> {
         Some(match (field, line) {
             (Field::Message, Line::Statement) => {
@@ -244,4 +262,9 @@ unsafe fn rewrite_sensitive(
     };
     // SAFETY: as the caller promises.
     unsafe { rewrite(edata, rule) }
+}
+
+/// SQLSTATE 42601, packed as PostgreSQL packs it.
+fn is_syntax_error(code: i32) -> bool {
+    code == pgrx::PgSqlErrorCode::ERRCODE_SYNTAX_ERROR as i32
 }

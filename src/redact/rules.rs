@@ -23,14 +23,24 @@ pub enum Line {
     Other,
 }
 
-const STATEMENT_PREFIXES: &[&str] = &["statement: ", "execute ", "parse ", "bind ", "duration: "];
+/// PostgreSQL's (postgres.c) lines that end with the statement text: the
+/// simple protocol's, the extended protocol's execute (`%s` is `execute`
+/// or `execute fetch from`), and their `duration:` forms.
+const STATEMENT_IDS: &[&str] = &[
+    "statement: %s",
+    "%s %s%s%s: %s",
+    "duration: %s ms  statement: %s",
+    "duration: %s ms  parse %s: %s",
+    "duration: %s ms  bind %s%s%s: %s",
+    "duration: %s ms  %s %s%s%s: %s",
+];
 const NODE_DUMP_TITLES: &[&str] = &["parse tree:", "rewritten parse tree:", "plan:"];
 
 pub fn classify(message_id: &[u8], message: &[u8]) -> Line {
     let id = String::from_utf8_lossy(message_id);
     if id.starts_with("duration: ") && id.contains("plan:") {
         Line::Plan
-    } else if STATEMENT_PREFIXES.iter().any(|p| id.starts_with(p)) && id.ends_with("%s") {
+    } else if STATEMENT_IDS.contains(&&*id) {
         Line::Statement
     } else if id == "%s" && NODE_DUMP_TITLES.iter().any(|t| t.as_bytes() == message) {
         Line::NodeDump

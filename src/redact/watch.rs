@@ -224,10 +224,10 @@ const WRITES: &[&[u8]] = &[b"insert", b"update", b"merge", b"copy"];
 /// name, names a protected table, or — while the list is stale — could
 /// write a table at all. Names compare case-insensitively (more, never
 /// less, than PostgreSQL's folding matches).
-pub fn text_is_sensitive(text: &[u8], scs: bool) -> bool {
+pub fn text_is_sensitive(text: &[u8], opts: sqllex::Options) -> bool {
     let stale = is_stale();
     with_list(|list| {
-        sqllex::mentions(text, scs, |name, called| {
+        sqllex::mentions_in(text, opts, |name, called| {
             let name = name.to_ascii_lowercase();
             name == b"manna_crypt"
                 || list.table_names.contains(&name)
