@@ -17,6 +17,8 @@
 #                     call) costs new connections and parallel workers,
 #                     against the key file in the same run
 #           orm     - SQLAlchemy inserts through EncryptedText against plain Text
+#           redact  - manna_crypt.redact_log off against on under pgbench
+#                     (scripts/bench_redact.sh)
 #
 # Builds and installs the release build (scripts/setup.sh), then runs in a
 # throwaway cluster under target/bench (port 55480, or MC_BENCH_PORT) that is
@@ -34,7 +36,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 cd "$MC_ROOT"
 
-SECTIONS=(gcm protect columns migrate locking rootkey orm)
+SECTIONS=(gcm protect columns migrate locking rootkey orm redact)
 BENCH_DIR=${MC_BENCH_DIR:-$MC_ROOT/target/bench}
 BENCH_PORT=${MC_BENCH_PORT:-55480}
 ROWS=${MC_BENCH_ROWS:-1000000}
@@ -348,6 +350,12 @@ SQL
 bench_migrate() {
     ensure_venv
     "$MC_ROOT/scripts/bench_migrate.sh"
+}
+
+# What log redaction costs under pgbench (its own cluster; see
+# scripts/bench_redact.sh).
+bench_redact() {
+    "$MC_ROOT/scripts/bench_redact.sh"
 }
 
 # Cost of the optimistic-locking trigger under pgbench (its own cluster; see
