@@ -368,9 +368,11 @@ pub fn name_of(text: &[u8], t: Token) -> Option<Vec<u8>> {
 /// called)` is asked for every identifier, `called` telling whether a `(`
 /// follows it (past white space and comments), as after a function's name.
 ///
-/// The bodies of string literals are read as SQL too (a `DO` block or a
-/// function body is a dollar-quoted string), a few levels deep: a name in
-/// a literal then counts, which errs towards redacting.
+/// The bodies of dollar-quoted literals are read as SQL too (a `DO` block
+/// or a function body) and so are the literals inside them (dynamic SQL),
+/// a few levels deep: a name in one then counts, which errs towards
+/// redacting. A plain `'...'` literal of the statement itself is a value,
+/// and a word in it (`'updated items'`) is not a name.
 pub fn mentions(text: &[u8], scs: bool, watched: impl FnMut(&[u8], bool) -> bool) -> bool {
     mentions_in(text, Options::sql(scs), watched)
 }
@@ -397,13 +399,11 @@ fn mentions_at(
     let scs = opts.standard_conforming_strings;
     tokens.iter().enumerate().any(|(n, &t)| {
         if t.kind == Kind::String {
-            return depth < BODY_DEPTH
-                && mentions_at(
-                    body(&text[t.start..t.end]),
-                    Options::sql(scs),
-                    watched,
-                    depth + 1,
-                );
+            let literal = &text[t.start..t.end];
+            // Dynamic SQL inside a body is a plain literal there.
+            return (literal.first() == Some(&b'$') || depth > 0)
+                && depth < BODY_DEPTH
+                && mentions_at(body(literal), Options::sql(scs), watched, depth + 1);
         }
         let Some(name) = name_of(text, t) else {
             return false;
@@ -419,26 +419,23 @@ fn mentions_at(
     })
 }
 
-/// A string literal's contents, roughly: past the opening delimiter (a
-/// prefix and quote, or a dollar tag) and before the closing one.
+/// A literal's contents, roughly: past the opening tag or quote (and its
+/// prefix) and before the closing one (if unterminated, a little of the
+/// end is not read; nothing is read past the text).
 fn body(literal: &[u8]) -> &[u8] {
-    let open = if literal.first() == Some(&b'$') {
-        literal[1..]
-            .iter()
-            .position(|&b| b == b'$')
-            .map_or(literal.len(), |p| p + 2)
-    } else {
+    let dollar = literal.first() == Some(&b'$');
+    let open = if dollar {
         literal
             .iter()
-            .position(|&b| b == b'\'')
-            .map_or(literal.len(), |p| p + 1)
-    };
-    let inner = &literal[open.min(literal.len())..];
-    let close = if literal.first() == Some(&b'$') {
-        open.min(inner.len())
+            .skip(1)
+            .position(|&b| b == b'$')
+            .map(|p| p + 2)
     } else {
-        1
+        literal.iter().position(|&b| b == b'\'').map(|p| p + 1)
     };
+    let open = open.unwrap_or(literal.len()).min(literal.len());
+    let close = if dollar { open } else { 1 };
+    let inner = &literal[open..];
     &inner[..inner.len().saturating_sub(close)]
 }
 

@@ -108,11 +108,12 @@ unsafe fn replace(edata: &ErrorData, field: &mut *mut c_char, new: &[u8]) -> boo
 /// # Safety: `edata` is PostgreSQL's line being reported.
 unsafe fn redact(edata: &mut ErrorData) -> bool {
     // SAFETY: PostgreSQL's globals, read on the backend's thread.
-    let (scs, in_postmaster, dqs) = unsafe {
+    let (scs, in_postmaster, dqs, worker) = unsafe {
         (
             pg_sys::standard_conforming_strings,
             !pg_sys::IsUnderPostmaster && pg_sys::IsPostmasterEnvironment,
             pg_sys::debug_query_string,
+            pg_sys::ParallelWorkerNumber >= 0,
         )
     };
     if in_postmaster {
@@ -134,7 +135,9 @@ unsafe fn redact(edata: &mut ErrorData) -> bool {
             .as_ref()
             .is_some_and(|c| c.redacted.as_ptr() == dqs)
     });
-    let all = super::mode() == Mode::All;
+    // A parallel worker never analyzes, so it knows no protected table:
+    // every line of the leader's statement is redacted there.
+    let all = super::mode() == Mode::All || worker;
     let by_statement = text.map(|t| {
         ours || all || watch::is_marked(t) || watch::text_is_sensitive(t, Options::sql(scs))
     });

@@ -34,6 +34,8 @@ const STATEMENT_IDS: &[&str] = &[
     "duration: %s ms  bind %s%s%s: %s",
     "duration: %s ms  %s %s%s%s: %s",
 ];
+/// debug_print_*'s titles (`elog_node_display`: `errmsg_internal("%s:",
+/// title)`).
 const NODE_DUMP_TITLES: &[&str] = &["parse tree:", "rewritten parse tree:", "plan:"];
 
 pub fn classify(message_id: &[u8], message: &[u8]) -> Line {
@@ -42,7 +44,9 @@ pub fn classify(message_id: &[u8], message: &[u8]) -> Line {
         Line::Plan
     } else if STATEMENT_IDS.contains(&&*id) {
         Line::Statement
-    } else if id == "%s" && NODE_DUMP_TITLES.iter().any(|t| t.as_bytes() == message) {
+    } else if (id == "%s:" || id == "%s")
+        && NODE_DUMP_TITLES.iter().any(|t| t.as_bytes() == message)
+    {
         Line::NodeDump
     } else {
         Line::Other

@@ -99,6 +99,14 @@ pub fn refresh() {
     // Cleared first: an invalidation that arrives while reading sets it
     // again, and the next analysis reads once more.
     STALE.store(false, Ordering::Relaxed);
+    // If a scan raises (the statement then fails), the list stays stale.
+    struct Unfinished;
+    impl Drop for Unfinished {
+        fn drop(&mut self) {
+            STALE.store(true, Ordering::Relaxed);
+        }
+    }
+    let unfinished = Unfinished;
     let mut list = WatchList::default();
     // SAFETY: catalog scans inside a transaction (checked above).
     unsafe {
@@ -109,6 +117,7 @@ pub fn refresh() {
         scan_protected(&mut list);
     }
     LIST.with(|l| *l.borrow_mut() = list);
+    std::mem::forget(unfinished);
 }
 
 /// # Safety: inside a transaction.

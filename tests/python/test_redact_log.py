@@ -190,6 +190,13 @@ def _leaks(log: str, s: dict) -> list:
     return found
 
 
+def _has(log: str, needle: str):
+    """Asserts `needle` is in the log without printing the log (which may
+    hold a secret if the check fails)."""
+    found = needle in log
+    assert found, f"not in the server log: {needle!r}"
+
+
 def _where(log: str, s: dict) -> str:
     """The log lines that hold a secret, each secret shown by its name
     only (a test's failure output carries no secret either)."""
@@ -217,13 +224,22 @@ def test_flows_leave_no_secret_in_any_log_file(cluster):
     log = w.flush()
     assert _leaks(log, s) == [], _where(log, s)
     # The statements keep their shape.
-    assert "INSERT INTO items (id, tok) VALUES (<n>, '<redacted>')" in log
-    assert "UPDATE items SET tok = '<redacted>' WHERE id = <n>" in log
-    assert "SELECT manna_crypt.encrypt_gcm('<redacted>', '<redacted>'::bytea)" in log
-    assert "$1 = '<redacted>'" in log
-    assert 'invalid input syntax for type integer: "<redacted>"' in log
-    assert "Key (email)=(<redacted>) already exists." in log
-    assert "STATEMENT:  SELECT manna_crypt.encrypt_gcm('<redacted>', '<redacted>' ;" in log
+    _has(log, "INSERT INTO items (id, tok) VALUES (<n>, '<redacted>')")
+    _has(log, "UPDATE items SET tok = '<redacted>' WHERE id = <n>")
+    _has(log, "SELECT manna_crypt.encrypt_gcm('<redacted>', '<redacted>'::bytea)")
+    _has(log, "$1 = '<redacted>'")
+    _has(log, 'invalid input syntax for type integer: "<redacted>"')
+    _has(log, "Key (email)=(<redacted>) already exists.")
+    _has(log, "STATEMENT:  SELECT manna_crypt.encrypt_gcm('<redacted>', '<redacted>' ;")
+    _has(log, "unnamed portal with parameters: $1 = '<redacted>'")
+    _has(log, "COPY items, line 1, column id: <redacted>")
+    _has(log, "COPY items, line 1: <redacted>")
+    _has(log, "Failing row contains (<redacted>).")
+    _has(log, "DETAIL:  <redacted>")  # the debug_print_plan node tree
+    _has(log, "DO '<redacted>'")
+    # csvlog's and jsonlog's query field.
+    _has(log, '"statement":"SELECT manna_crypt.encrypt_gcm(\'<redacted>\', \'<redacted>\' ;"')
+    _has(log, ',"SELECT manna_crypt.encrypt_gcm(\'<redacted>\', \'<redacted>\' ;",')
 
 
 def test_flows_with_redaction_off_log_every_secret(cluster):
@@ -244,9 +260,10 @@ def test_statements_not_using_manna_crypt_stay_readable_and_all_redacts_them(clu
         conn.execute("SET manna_crypt.redact_log = 'all'")
         conn.execute(f"SELECT '{every}' AS ordinary")
     log = w.flush()
-    assert plain in log
-    assert every not in log
-    assert "SELECT '<redacted>' AS ordinary" in log
+    _has(log, plain)
+    leaked = every in log
+    assert not leaked
+    _has(log, "SELECT '<redacted>' AS ordinary")
 
 
 def test_wrapper_function_marks_the_outer_statement(cluster):
@@ -266,21 +283,79 @@ def test_wrapper_function_marks_the_outer_statement(cluster):
     assert errors and all(secret not in line for line in errors), errors
 
 
+def test_table_protected_in_another_session(cluster):
+    """The backend-local list follows invalidations: a table protected in
+    another session makes this session's next syntax error naming it
+    redacted (no catalog lookup is possible while the error is reported);
+    the same error on an unprotected table is logged as written."""
+    w = LogWindow(cluster)
+    # The control's literal holds the word "late": a word in a plain
+    # literal is no table name.
+    secret, control = _fresh("plain-late"), _fresh("ordinary-late")
+    with cluster.connect("app") as a, cluster.connect("app") as b:
+        a.execute("SELECT 1")
+        b.execute("CREATE TABLE late (id int PRIMARY KEY, tok text)")
+        b.execute("CREATE TABLE unprotected (id int PRIMARY KEY, tok text)")
+        b.execute("SELECT manna_crypt.protect_column('late', 'tok', 'pii')")
+        a.execute("SELECT 1")  # analyzed: the list is read again
+        expect_error(a, "42601", f"SELECT tok FROM late WHERE tok = '{secret}' ORDER")
+        expect_error(a, "42601", f"SELECT tok FROM unprotected WHERE tok = '{control}' ORDER")
+        b.execute("DROP TABLE late, unprotected")
+    log = w.flush()
+    leaked = secret in log
+    assert not leaked, _where(log, {"plain-late": secret})
+    _has(log, control)
+
+
+def test_parallel_worker_lines(cluster):
+    """An error raised in a parallel worker is logged by the worker too,
+    with the leader's statement; the worker never analyzes, so it redacts
+    every statement's lines."""
+    w = LogWindow(cluster)
+    secret = _fresh("plain-par")
+    force = "debug_parallel_query" if cluster_major(cluster) >= 16 else "force_parallel_mode"
+    with cluster.connect("app") as conn:
+        conn.execute("INSERT INTO items (id, tok) VALUES (30, 'x') ON CONFLICT DO NOTHING")
+        conn.execute(f"SET {force} = on")
+        conn.execute("SET max_parallel_workers_per_gather = 2")
+        expect_error(conn, "22P02", f"SELECT (id::text || '{secret}')::int FROM items")
+    log = w.flush()
+    _has(log, "parallel worker")
+    leaked = secret in log
+    assert not leaked, _where(log, {"plain-par": secret})
+
+
+def cluster_major(c: Cluster) -> int:
+    with c.connect("app") as conn:
+        return int(conn.execute("SHOW server_version_num").fetchone()[0]) // 10000
+
+
 @pytest.mark.skipif(not HAS_AUTO_EXPLAIN, reason=NO_AUTO_EXPLAIN)
 @pytest.mark.parametrize("fmt", ["text", "json", "yaml", "xml"])
-def test_auto_explain_plans(cluster, fmt):
+@pytest.mark.parametrize("redact", ["on", "off"])
+def test_auto_explain_plans(cluster, fmt, redact):
+    """auto_explain with log_analyze, log_verbose and nested statements, in
+    every format: plan constants, the query text and (16+) the query
+    parameters. With redaction off, every value is in a plan line."""
     w = LogWindow(cluster)
     lit, param, nested = _fresh("plain-ae"), _fresh("plain-aeparam"), _fresh("plain-aenest")
-    with cluster.connect("app") as conn:
+    number = str(700000000 + secrets.randbelow(99999999))
+    with cluster.connect("app", options=f"-c manna_crypt.redact_log={redact}") as conn:
         conn.execute(f"SET auto_explain.log_format = {fmt}")
-        conn.execute(f"SELECT manna_crypt.encrypt_gcm('{lit}', 'pii'), 123456789")
+        conn.execute(f"SELECT manna_crypt.encrypt_gcm('{lit}', 'pii'), {number}")
         conn.execute("SELECT manna_crypt.encrypt_gcm(%s::text, 'pii')", [param], prepare=True)
         conn.execute(f"INSERT INTO items (id, tok) VALUES (20, '{nested}')")
         conn.execute("DELETE FROM items WHERE id = 20")
     log = w.flush()
-    assert "plan:" in log
-    for s in (lit, param, nested, "123456789"):
-        assert s not in log
+    plans = "\n".join(line for line in log.split("\n20") if "plan:" in line)
+    _has(plans, "plan:")
+    for name, s in (("literal", lit), ("parameter", param), ("nested", nested),
+                    ("number", number)):
+        in_plans, anywhere = s in plans, s in log
+        if redact == "on":
+            assert not anywhere, f"the {name} is in the server log"
+        else:
+            assert in_plans, f"the {name} is not in any plan line"
 
 
 def test_postmaster_crash_report(cluster):
@@ -305,8 +380,9 @@ def test_postmaster_crash_report(cluster):
             if time.time() > deadline:
                 raise
             time.sleep(0.5)
-    assert "Failed process was running: SELECT manna_crypt.encrypt_gcm('<redacted>'" in log
-    assert secret not in log
+    _has(log, "Failed process was running: SELECT manna_crypt.encrypt_gcm('<redacted>'")
+    leaked = secret in log
+    assert not leaked
 
 
 def _quietly(conn, sql):
