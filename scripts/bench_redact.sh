@@ -17,7 +17,7 @@
 # Uses its own throwaway cluster in target/bench-redact on port 55477.
 #
 # Settings (environment): BENCH_RUNS (3), BENCH_SECONDS (10), BENCH_CLIENTS (2),
-# BENCH_PORT (55477).
+# BENCH_PORT (55477), BENCH_WORKLOADS ("quiet logged crypt").
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 cd "$MC_ROOT"
@@ -26,6 +26,7 @@ RUNS=${BENCH_RUNS:-3}
 SECONDS_PER_RUN=${BENCH_SECONDS:-10}
 CLIENTS=${BENCH_CLIENTS:-2}
 PORT=${BENCH_PORT:-55477}
+read -r -a WORKLOADS <<<"${BENCH_WORKLOADS:-quiet logged crypt}"
 DIR="$MC_ROOT/target/bench-redact"
 DB=bench_redact
 PGBENCH="$(pg_bindir)/pgbench"
@@ -69,7 +70,7 @@ tps() {
 }
 
 declare -A best
-for workload in quiet logged crypt; do
+for workload in "${WORKLOADS[@]}"; do
     logging=all
     [ "$workload" = quiet ] && logging=none
     for ((i = 1; i <= RUNS; i++)); do
@@ -86,7 +87,7 @@ done
 echo
 echo "== redact: pgbench -M simple -c $CLIENTS -T $SECONDS_PER_RUN, best of $RUNS alternating runs (load average: $(cut -d' ' -f1-3 /proc/loadavg)) =="
 printf '  %-8s %-44s %12s %12s %10s\n' workload statement "tps off" "tps on" "on/off"
-for workload in quiet logged crypt; do
+for workload in "${WORKLOADS[@]}"; do
     case $workload in
         quiet) what="pgbench -S, log_statement = none" ;;
         logged) what="pgbench -S, log_statement = all" ;;

@@ -44,8 +44,12 @@ unsafe extern "C-unwind" fn on_analyze(
         return;
     }
     watch::refresh();
+    // A database without the extension has nothing to find: no walk.
     // SAFETY: a valid Query tree of the current statement.
-    let touches = watch::with_list(|list| unsafe { walk(query.cast(), list) });
+    let touches = watch::with_list(|list| {
+        (!list.functions.is_empty() || !list.tables.is_empty())
+            && unsafe { walk(query.cast(), list) }
+    });
     // SAFETY: PostgreSQL's global; NUL-terminated or NULL.
     let text = unsafe { pg_sys::debug_query_string };
     if touches && !text.is_null() {

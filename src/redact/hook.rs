@@ -242,25 +242,31 @@ unsafe fn rewrite_sensitive(
     scs: bool,
 ) -> bool {
     let class = rules::class(edata.sqlerrcode);
-    // Syntax errors quote the token they stopped at, a literal included.
-    let value_error = class == *b"22" || class == *b"23" || is_syntax_error(edata.sqlerrcode);
+    // manna_crypt's own errors have no source location (pg::report) and
+    // never carry a value: they stay as they are. PostgreSQL's do.
+    let own = edata.filename.is_null();
+    // Data exceptions quote the value; a syntax error quotes the token it
+    // stopped at, a literal included. Integrity violations (23) name only
+    // objects in their message and show the row or key in DETAIL.
+    let quotes_value = !own && (class == *b"22" || is_syntax_error(edata.sqlerrcode));
+    let shows_row = !own && class == *b"23";
     let rule = |field: Field, _msg: &[u8]| -> Option<Rule<'_>> {
         Some(match (field, line) {
             (Field::Message, Line::Statement) => {
                 Box::new(move |t| rules::statement_line(t, original, redacted, scs))
             }
             (Field::Message, Line::Plan) => Box::new(move |t| rules::plan(t, scs)),
-            (Field::Message, _) if value_error => Box::new(move |t| rules::values(t, scs)),
-            (Field::Message, _) => return None,
+            (Field::Message, _) if quotes_value => Box::new(move |t| rules::values(t, scs)),
             (Field::Detail, Line::NodeDump) => Box::new(|_| FIELD_MARK.as_bytes().to_vec()),
-            (Field::Detail | Field::Hint, _) if class == *b"23" => Box::new(rules::row_detail),
-            (Field::Detail | Field::Hint, _) if value_error => {
+            // `parameters: $1 = '...'`.
+            (Field::Detail, Line::Statement) => Box::new(move |t| rules::sql(t, scs)),
+            (Field::Detail, _) if shows_row => Box::new(rules::row_detail),
+            (Field::Detail | Field::Hint, _) if quotes_value => {
                 Box::new(move |t| rules::values(t, scs))
             }
-            (Field::Detail, _) => Box::new(move |t| rules::sql(t, scs)),
-            (Field::Hint, _) => return None,
             (Field::Context, _) => Box::new(move |t| rules::context(t, scs)),
             (Field::InternalQuery, _) => Box::new(move |t| rules::sql(t, scs)),
+            _ => return None,
         })
     };
     // SAFETY: as the caller promises.
