@@ -65,7 +65,8 @@ tps() {
     local args=(-S) out
     [ "$1" = crypt ] && args=(-f "$WORK/crypt.sql")
     out=$("$PGBENCH" -h "$DIR" -p "$PORT" -U postgres -n -M simple -c "$CLIENTS" -j "$CLIENTS" \
-        -T "$SECONDS_PER_RUN" "${args[@]}" "$DB" 2>&1) || { printf '%s\n' "$out" >&2; die "pgbench failed"; }
+        -T "$SECONDS_PER_RUN" "${args[@]}" "$DB" 2>&1) \
+        || { printf '%s\n' "$out" >&2; die "pgbench failed"; }
     printf '%s\n' "$out" | sed -n 's/^tps = \([0-9.]*\) .*/\1/p' | head -n 1
 }
 
@@ -85,7 +86,9 @@ for workload in "${WORKLOADS[@]}"; do
 done
 
 echo
-echo "== redact: pgbench -M simple -c $CLIENTS -T $SECONDS_PER_RUN, best of $RUNS alternating runs (load average: $(cut -d' ' -f1-3 /proc/loadavg)) =="
+echo "== redact: pgbench -M simple -c $CLIENTS -T $SECONDS_PER_RUN," \
+    "best of $RUNS alternating runs" \
+    "(load average: $(cut -d' ' -f1-3 /proc/loadavg)) =="
 printf '  %-8s %-44s %12s %12s %10s\n' workload statement "tps off" "tps on" "on/off"
 for workload in "${WORKLOADS[@]}"; do
     case $workload in

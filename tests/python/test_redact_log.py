@@ -9,7 +9,6 @@ on, no secret is in any of them; with it off, every one is (so each check
 can fail).
 """
 
-import base64
 import os
 import re
 import secrets
@@ -156,7 +155,8 @@ def run_flows(c: Cluster, options: str = "") -> dict:
         # Syntax errors and type errors around a secret.
         expect_error(conn, "42601", f"SELECT manna_crypt.encrypt_gcm('{s['plain-syn']}', 'pii' ;")
         expect_error(conn, "42601", f"SELECT manna_crypt.encrypt_gcm('{s['plain-unterm']}")
-        expect_error(conn, "22P02", f"INSERT INTO items (id, tok) VALUES ('{s['plain-type']}', 'x')")
+        expect_error(conn, "22P02",
+                     f"INSERT INTO items (id, tok) VALUES ('{s['plain-type']}', 'x')")
         conn.execute(f"INSERT INTO items (id, tok, email) VALUES (3, 'x', '{s['plain-dup']}')")
         expect_error(conn, "23505",
                      f"INSERT INTO items (id, tok, email) VALUES (4, 'x', '{s['plain-dup']}')")
@@ -368,7 +368,8 @@ def test_postmaster_crash_report(cluster):
     t = threading.Thread(target=lambda: _quietly(
         conn, f"SELECT manna_crypt.encrypt_gcm('{secret}', 'pii'), pg_sleep(60)"))
     t.start()
-    time.sleep(1.0)
+    with cluster.connect("app") as watcher:
+        cluster_wait_active(watcher, pid)
     os.kill(pid, signal.SIGKILL)
     t.join(30)
     deadline = time.time() + 60
@@ -383,6 +384,19 @@ def test_postmaster_crash_report(cluster):
     _has(log, "Failed process was running: SELECT manna_crypt.encrypt_gcm('<redacted>'")
     leaked = secret in log
     assert not leaked
+
+
+def cluster_wait_active(conn, pid, timeout=30):
+    """Waits until backend `pid` runs its statement (pg_sleep)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        row = conn.execute(
+            "SELECT wait_event FROM pg_stat_activity WHERE pid = %s AND state = 'active'", [pid]
+        ).fetchone()
+        if row and row[0] == "PgSleep":
+            return
+        time.sleep(0.05)
+    raise AssertionError("the statement never started")
 
 
 def _quietly(conn, sql):
