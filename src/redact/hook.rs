@@ -120,7 +120,20 @@ unsafe fn redact(edata: &mut ErrorData) -> bool {
         // `Failed process was running: ...` after a crash: the postmaster
         // cannot judge the statement, so its literals always go.
         // SAFETY: fields of the line.
-        return unsafe { rewrite(edata, |f, _| (f == Field::Detail).then(|| f.sql(scs))) };
+        return unsafe {
+            rewrite(edata, |f, _| {
+                matches!(f, Field::Detail | Field::DetailLog).then(|| f.sql(scs))
+            })
+        };
+    }
+    if is_deadlock(edata.sqlerrcode) {
+        // The server-only DETAIL of a deadlock quotes the *other* sessions'
+        // statements, which this backend cannot judge: always redacted.
+        // SAFETY: fields of the line.
+        let done = unsafe { rewrite(edata, |f, _| (f == Field::DetailLog).then(|| f.sql(scs))) };
+        if !done {
+            return false;
+        }
     }
     // SAFETY: fields of the line and the global, NUL-terminated or NULL.
     let (line, text) = unsafe {
@@ -187,6 +200,8 @@ unsafe fn redact(edata: &mut ErrorData) -> bool {
 enum Field {
     Message,
     Detail,
+    /// The server-only DETAIL; the same rules as DETAIL unless named.
+    DetailLog,
     Hint,
     Context,
     InternalQuery,
@@ -214,7 +229,7 @@ where
         let fields = [
             (Field::Message, &raw mut edata.message),
             (Field::Detail, &raw mut edata.detail),
-            (Field::Detail, &raw mut edata.detail_log),
+            (Field::DetailLog, &raw mut edata.detail_log),
             (Field::Hint, &raw mut edata.hint),
             (Field::Context, &raw mut edata.context),
             (Field::InternalQuery, &raw mut edata.internalquery),
@@ -251,6 +266,11 @@ unsafe fn rewrite_sensitive(
     let quotes_value = !own && (class == *b"22" || is_syntax_error(edata.sqlerrcode));
     let shows_row = !own && class == *b"23";
     let rule = |field: Field, _msg: &[u8]| -> Option<Rule<'_>> {
+        let field = if field == Field::DetailLog {
+            Field::Detail
+        } else {
+            field
+        };
         Some(match (field, line) {
             (Field::Message, Line::Statement) => {
                 Box::new(move |t| rules::statement_line(t, original, redacted, scs))
@@ -271,6 +291,11 @@ unsafe fn rewrite_sensitive(
     };
     // SAFETY: as the caller promises.
     unsafe { rewrite(edata, rule) }
+}
+
+/// SQLSTATE 40P01, packed as PostgreSQL packs it.
+fn is_deadlock(code: i32) -> bool {
+    code == pgrx::PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED as i32
 }
 
 /// SQLSTATE 42601, packed as PostgreSQL packs it.

@@ -325,6 +325,53 @@ def test_parallel_worker_lines(cluster):
     assert not leaked, _where(log, {"plain-par": secret})
 
 
+def test_deadlock_detail_quotes_no_other_session_statement(cluster):
+    """A deadlock's server-only DETAIL quotes every session's statement;
+    the victim here runs nothing sensitive, the other session does: that
+    statement is redacted all the same."""
+    w = LogWindow(cluster)
+    secret = _fresh("plain-deadlock")
+    with cluster.connect("app") as setup:
+        setup.execute("CREATE TABLE IF NOT EXISTS dl (id int PRIMARY KEY, v text)")
+        setup.execute("INSERT INTO dl VALUES (1, ''), (2, '') ON CONFLICT DO NOTHING")
+    victim = cluster.connect("app", autocommit=False)
+    other = cluster.connect("app", autocommit=False)
+    victim.execute("SET deadlock_timeout = '100ms'")
+    other.execute("SET deadlock_timeout = '60s'")
+    victim.execute("UPDATE dl SET v = v WHERE id = 1")
+    other.execute("UPDATE dl SET v = v WHERE id = 2")
+    t = threading.Thread(target=lambda: _quietly(other, (
+        f"UPDATE dl SET v = manna_crypt.encrypt_gcm('{secret}', 'pii') WHERE id = 1")))
+    t.start()
+    with cluster.connect("app") as watcher:
+        _wait_lock(watcher, other.info.backend_pid)
+    with pytest.raises(psycopg.errors.DeadlockDetected):
+        victim.execute("UPDATE dl SET v = v WHERE id = 2")
+    victim.rollback()
+    t.join(30)
+    other.rollback()
+    victim.close()
+    other.close()
+    log = w.flush()
+    _has(log, "deadlock detected")
+    _has(log, "UPDATE dl SET v = manna_crypt.encrypt_gcm('<redacted>', '<redacted>')")
+    leaked = secret in log
+    assert not leaked, _where(log, {"plain-deadlock": secret})
+
+
+def _wait_lock(conn, pid, timeout=30):
+    """Waits until backend `pid` waits for a lock."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        row = conn.execute(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [pid]
+        ).fetchone()
+        if row and row[0] == "Lock":
+            return
+        time.sleep(0.05)
+    raise AssertionError("the statement never waited for its lock")
+
+
 def cluster_major(c: Cluster) -> int:
     with c.connect("app") as conn:
         return int(conn.execute("SHOW server_version_num").fetchone()[0]) // 10000
