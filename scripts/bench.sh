@@ -20,6 +20,8 @@
 #           blind   - blind indexes: lookup latency against a plaintext index,
 #                     blind_index() calls/s against sha256(), the backfill
 #                     against an UPDATE floor (scripts/bench_blind.sh)
+#           redact  - manna_crypt.redact_log off against on under pgbench
+#                     (scripts/bench_redact.sh)
 #
 # Builds and installs the release build (scripts/setup.sh), then runs in a
 # throwaway cluster under target/bench (port 55480, or MC_BENCH_PORT) that is
@@ -37,7 +39,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 cd "$MC_ROOT"
 
-SECTIONS=(gcm access protect columns migrate locking rootkey orm blind)
+SECTIONS=(gcm access protect columns migrate locking rootkey orm blind redact)
 BENCH_DIR=${MC_BENCH_DIR:-$MC_ROOT/target/bench}
 BENCH_PORT=${MC_BENCH_PORT:-55480}
 ROWS=${MC_BENCH_ROWS:-1000000}
@@ -441,6 +443,12 @@ bench_migrate() {
 bench_blind() {
     ensure_venv
     "$MC_ROOT/scripts/bench_blind.sh"
+}
+
+# What log redaction costs under pgbench (its own cluster; see
+# scripts/bench_redact.sh).
+bench_redact() {
+    "$MC_ROOT/scripts/bench_redact.sh"
 }
 
 # Cost of the optimistic-locking trigger under pgbench (its own cluster; see

@@ -10,7 +10,8 @@
 //! 2. [`keys`]: the root key, the key tables, the key cache, the lifecycle;
 //! 3. [`crypto`]: the seal/open service every SQL surface shares;
 //! 4. the SQL surfaces: [`gcm`], [`fernet`], [`any`], [`locking`], [`reencrypt`],
-//!    [`protect`].
+//!    [`protect`]; and [`redact`], which keeps their plaintexts out of the
+//!    server log.
 
 use pgrx::prelude::*;
 
@@ -24,6 +25,7 @@ mod keys;
 mod locking;
 mod pg;
 mod protect;
+mod redact;
 mod reencrypt;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -80,11 +82,15 @@ pub extern "C-unwind" fn _PG_init() {
     keys::counters::register_settings();
     keys::access_table::register_settings();
     keys::access_stats::register_settings();
+    redact::register_settings();
     // A typo in a setting name (manna_crypt.root_key_flie) is an error, not
     // a silently accepted placeholder.
     // SAFETY: a NUL-terminated prefix; PostgreSQL copies it.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"manna_crypt".as_ptr()) };
     keys::cache::register_callback();
+    // Log redaction: installed in the postmaster, so inherited by every
+    // backend, parallel worker and the postmaster's own crash report.
+    redact::install();
     // Shared memory exists only when preloaded; without it, root-key
     // operations refuse with a HINT (see keys::rootshared).
     let parts = &[

@@ -15,7 +15,8 @@
 //! - [`fernet`]: reading (and, for tests, writing) legacy Fernet tokens;
 //! - [`secret`]: a 32-byte key type that is wiped when dropped;
 //! - [`names`]: the rule for keyring names;
-//! - [`classify`]: what a stored text value is (ciphertext, token, plaintext).
+//! - [`classify`]: what a stored text value is (ciphertext, token, plaintext);
+//! - [`sqllex`]: a lexer that cannot fail, to redact literals in logged SQL.
 
 pub mod access;
 pub mod aead;
@@ -28,3 +29,4 @@ pub mod keywrap;
 pub mod names;
 pub mod nonce;
 pub mod secret;
+pub mod sqllex;

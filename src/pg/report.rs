@@ -328,8 +328,9 @@ unsafe fn unlink(entry: *mut ErrorContextCallback) {
 }
 
 /// Runs `f` in a context callback: PostgreSQL is in the middle of a report,
-/// so nothing may unwind into it, and the panic hook must stay out.
-fn in_callback<T>(f: impl FnOnce() -> T) -> Option<T> {
+/// so nothing may unwind into it, and the panic hook must stay out (also
+/// used by the log redaction's `emit_log_hook`).
+pub fn in_callback<T>(f: impl FnOnce() -> T) -> Option<T> {
     IN_CALLBACK.with(|c| c.set(true));
     let result = catch_unwind(AssertUnwindSafe(f)).ok();
     IN_CALLBACK.with(|c| c.set(false));

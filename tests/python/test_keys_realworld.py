@@ -313,8 +313,9 @@ def test_server_log_holds_no_key_material_or_client_plaintext():
         c.stop()
         log = c.log_text()
 
-    # The log really is verbose: statements, locations, the errors above.
-    assert "LOG:  00000: statement: SELECT manna_crypt.create_keyring('pii')" in log
+    # The log really is verbose: statements (their literals replaced by
+    # manna_crypt.redact_log, on by default), locations, the errors above.
+    assert "LOG:  00000: statement: SELECT manna_crypt.create_keyring('<redacted>')" in log
     assert "root key does not match" in log and "39000" in log and "58030" in log
     assert len(seen_errors) == 11
 
@@ -337,9 +338,12 @@ def test_server_log_holds_no_key_material_or_client_plaintext():
     assert canary not in log, "client-side plaintext appears in the server log"
     for err in seen_errors:
         assert canary not in err
-    # The Fernet key was passed as a SQL literal: by design it is in the
-    # statement log (import_fernet_key's documented leak), but never in an
-    # error, and its derived halves never appear on their own.
+    # The Fernet key was passed as a bind parameter: redact_log keeps it out
+    # of the statement log (with redaction off it is import_fernet_key's
+    # documented leak); never in an error, and its derived halves never
+    # appear on their own.
+    leaked = fernet_key in log
+    assert not leaked, "the Fernet key is in the server log"
     raw = base64.urlsafe_b64decode(fernet_key)
     for half in (raw[:16], raw[16:]):
         assert half.hex() not in log
