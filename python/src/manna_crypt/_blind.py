@@ -131,6 +131,15 @@ def _values(typ: Any, col: Any, op: Any, other: tuple) -> List[Any]:
     )
 
 
+def _concat(arrays: List[Any]) -> Any:
+    """a || b || c ... as a balanced tree: a long in_() list nests
+    log2(n) deep, never n (SQLAlchemy's compiler and cache key recurse)."""
+    if len(arrays) == 1:
+        return arrays[0]
+    half = len(arrays) // 2
+    return _concat(arrays[:half]).op("||", return_type=ARRAY(LargeBinary))(_concat(arrays[half:]))
+
+
 def blind_lookup(typ: Any, col: Any, op: Any, other: tuple) -> Any:
     """The blind-index predicate for `col <op> other`, or None when this is
     not a lookup (`== None` stays IS NULL)."""
@@ -142,10 +151,7 @@ def blind_lookup(typ: Any, col: Any, op: Any, other: tuple) -> Any:
     bidx = sibling(col, typ.blind_index, "blind-index")
     norm = _sql_string(typ.normalization)
     consts = (_sql_string(typ.keyring), norm, literal_column(str(int(typ.bits)), Integer))
-    arrays = [func.manna_crypt.blind_index_all(v, *consts, type_=ARRAY(LargeBinary)) for v in values]
-    terms = arrays[0]
-    for a in arrays[1:]:
-        terms = terms.op("||", return_type=ARRAY(LargeBinary))(a)
+    terms = _concat([func.manna_crypt.blind_index_all(v, *consts, type_=ARRAY(LargeBinary)) for v in values])
     pred = bidx == any_(terms)
     if typ.bits >= FULL_BITS:
         return pred
