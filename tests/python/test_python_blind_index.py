@@ -215,23 +215,27 @@ def test_lookups_find_every_row_across_index_key_rotation_and_backfill(users, fr
         s.commit()
         assert misses(s, range(1, n + 1)) == []
         assert ids(s, User.email == "NEW@x.io") == [n + 1]
-    stop, seen = threading.Event(), []
+    stop, seen, mixed = threading.Event(), [], []
+    under_old = text("SELECT count(*) FROM users WHERE substr(email_bidx, 2, 4) = :k").bindparams(k=old_key[0][0])
 
     def lookups():
         with Session(users) as s:
             while not stop.is_set():
                 seen.append(misses(s, range(1, n + 1, 7)))
+                # some rows, not all, still under the old key: this lookup ran mid-backfill
+                mixed.append(0 < s.execute(under_old).scalar() < n)
                 s.rollback()
 
     t = threading.Thread(target=lookups)
     t.start()
     try:
-        run = run_backfill(fresh_db, batch_size=100)
+        run = run_backfill(fresh_db, batch_size=1)  # one block per batch: ~20 commits
     finally:
         stop.set()
         t.join()
     assert isinstance(run, int)
-    assert seen and all(m == [] for m in seen), [len(m) for m in seen if m]
+    assert len(seen) >= 2 and all(m == [] for m in seen), [len(m) for m in seen if m]
+    assert any(mixed), len(mixed)
     with connect(fresh_db) as c:
         keys = c.execute("SELECT DISTINCT substr(email_bidx, 2, 4) FROM users").fetchall()
         assert len(keys) == 1 and keys != old_key
