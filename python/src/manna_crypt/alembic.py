@@ -37,12 +37,10 @@ import logging
 from typing import Any, Optional
 
 import sqlalchemy as sa
-from alembic.autogenerate import comparators, renderers
-from alembic.operations import MigrateOperation, Operations, ops
+from alembic.operations import MigrateOperation, Operations
 
 from . import RowsLeftError
 from .psycopg import LOGGER_NAME, log_notice
-from .sqlalchemy import EncryptedText
 
 __all__ = [
     "CreateKeyringOp",
