@@ -1,8 +1,8 @@
 """Blind indexes from the Python package against a real cluster:
 EncryptedText(blind_index=...) lookups (== and in_(), normalization,
 aliases and joins, refused operators), the plan of the compiled statement
-(an index condition on a 20k-row table), truncated terms with collisions
-resolved by the recheck, lookups across rotate_index_key and
+(an index condition on a 20k-row table, in a custom and a generic plan),
+truncated terms with collisions resolved by the recheck, lookups across rotate_index_key and
 op.backfill_blind_index (with lookups running during the backfill), and
 Alembic: autogenerate adding, changing and removing a blind index, up and
 down, and offline SQL.
@@ -142,6 +142,16 @@ def test_compiled_lookup_is_an_index_condition(users, fresh_db):
             assert "Index Cond: (email_bidx = ANY" in plan, plan
             assert "ix_users_email_bidx" in plan, plan
             assert "Seq Scan" not in plan, plan
+        # a generic plan (what a prepared statement settles on) as well
+        from sqlalchemy.dialects.postgresql import asyncpg  # compiles to $1 parameters; no driver needed
+
+        stmt = select(User.id).where(User.email.in_(["user5@x.io", "User6@x.io"]))
+        numbered = stmt.compile(dialect=asyncpg.dialect())
+        c.exec_driver_sql("PREPARE lookup AS " + numbered.string)
+        c.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+        plan = "\n".join(r[0] for r in c.exec_driver_sql("EXPLAIN EXECUTE lookup('user5@x.io', 'User6@x.io')"))
+        assert "Index Cond: (email_bidx = ANY" in plan and "$1" in plan, plan
+        assert sorted(r[0] for r in c.exec_driver_sql("EXECUTE lookup('user5@x.io', 'User6@x.io')")) == [5, 6]
     with Session(users) as s:
         assert ids(s, User.email == "User77@x.io") == [77]
         assert ids(s, User.email.in_(["user1@x.io", "user2@x.io", "user3@x.io"])) == [1, 2, 3]
