@@ -436,3 +436,34 @@ def test_backfill_offline_sql():
     assert ("CALL manna_crypt.backfill_blind_index(CAST('users' AS regclass), CAST('email' AS name), "
             "batch_size => CAST(500 AS integer), dry_run => CAST(false AS boolean), "
             "raise_on_failure => CAST(true AS boolean))") in out
+
+
+PHONE = '''    phone: Mapped[str | None] = mapped_column(
+        EncryptedText("pii", aad="id", blind_index="phone_bidx", normalization="digits", bits=64))
+    phone_bidx: Mapped[bytes | None] = mapped_column(LargeBinary)
+'''
+
+
+def test_autogenerate_new_column_with_a_blind_index(tmp_path, alembic_db):
+    """A new EncryptedText column with a blind index, its index column
+    declared after it: protected once both exist, nothing to backfill."""
+    from alembic import command
+
+    cfg, proj = project(tmp_path, alembic_db)
+    set_models(proj)
+    command.upgrade(cfg, "head")
+    set_models(proj, extra=PHONE)
+    src = revise(cfg, "0002")
+    up = src[src.index("def upgrade"):src.index("def downgrade")]
+    assert up.index("op.add_column('users', sa.Column('phone', sa.Text()") < up.index(
+        "op.add_column('users', sa.Column('phone_bidx'") < up.index(
+        "op.protect_column('users', 'phone', 'pii', aad_column='id', blind_index_column='phone_bidx', "
+        "normalization='digits', bits=64)")
+    assert "backfill" not in up
+    command.upgrade(cfg, "head")
+    assert ("pii", "id", "phone_bidx", "digits", 64) in protection(alembic_db)
+    with connect(alembic_db) as c:
+        c.execute("INSERT INTO users (phone) VALUES ('+1 (555) 010-9999')")
+        assert c.execute("SELECT id FROM users WHERE phone_bidx = ANY ("
+                         "manna_crypt.blind_index_all('15550109999', 'pii', 'digits', 64))").fetchall() == [(1,)]
+    assert "protect_column" not in revise(cfg, "0003")
