@@ -192,7 +192,7 @@ def test_alembic_operations_registered():
     from alembic.operations import Operations
 
     for name in ("create_keyring", "protect_column", "unprotect_column", "migrate_fernet",
-                 "rewrap_column", "encrypt_column"):
+                 "rewrap_column", "encrypt_column", "backfill_blind_index"):
         assert hasattr(Operations, name), name
 
 
@@ -284,8 +284,8 @@ def test_autogenerate_protects_existing_columns_the_model_encrypts(engine, fresh
 
     import manna_crypt.alembic  # noqa: F401
 
-    want = {("protect_column", None, "plaid_items", "access_token", KEYRING, "id"),
-            ("protect_column", None, "plaid_items", "secret_note", KEYRING, "item_id")}
+    want = {("protect_column", None, "plaid_items", "access_token", KEYRING, "id", None, None, None),
+            ("protect_column", None, "plaid_items", "secret_note", KEYRING, "item_id", None, None, None)}
     assert set(compare(fresh_db, Base.metadata)) == want
     with engine.connect() as c:
         code = render_python_code(produce_migrations(MigrationContext.configure(c), Base.metadata).upgrade_ops)
@@ -294,7 +294,7 @@ def test_autogenerate_protects_existing_columns_the_model_encrypts(engine, fresh
         c.execute(text("SELECT manna_crypt.protect_column('plaid_items', 'access_token', :k, 'id')"), {"k": KEYRING})
         c.execute(text("SELECT manna_crypt.protect_column('plaid_items', 'secret_note', :k, 'id')"), {"k": KEYRING})
     assert compare(fresh_db, Base.metadata) == [
-        ("protect_column", None, "plaid_items", "secret_note", KEYRING, "item_id")]
+        ("protect_column", None, "plaid_items", "secret_note", KEYRING, "item_id", None, None, None)]
     with engine.begin() as c:
         c.execute(text("SELECT manna_crypt.protect_column('plaid_items', 'secret_note', :k, 'item_id')"),
                   {"k": KEYRING})

@@ -3,13 +3,15 @@ every revision that uses the operations) registers:
 
 Operations
     op.create_keyring(name, rotation_period=None, if_not_exists=True)
-    op.protect_column(table, column, keyring, aad_column=None, schema=None)
+    op.protect_column(table, column, keyring, aad_column=None, schema=None,
+                      blind_index_column=None, normalization=None, bits=None)
     op.unprotect_column(table, column, schema=None)
     op.migrate_fernet(table, column, fernet_keyring, target_keyring, ...)
     op.rewrap_column(table, column, keyring, ...)
     op.encrypt_column(table, column, keyring, ...)
+    op.backfill_blind_index(table, column, ...)
 
-The three re-encryption operations commit after every batch, so each runs
+The four re-encryption operations commit after every batch, so each runs
 in an autocommit block (`op.get_context().autocommit_block()`, entered for
 you unless you are already in one): **the migration's work before it is
 committed first.** Their progress NOTICEs go to the "manna_crypt" logger
@@ -21,7 +23,12 @@ Autogenerate
     EncryptedText columns compare equal to the database's `text` column and
     are rendered as sa.Text(); a new EncryptedText column (or a new table
     with one) is followed by op.protect_column(...), since autogenerate
-    never compares the trigger and CHECK that protect the column.
+    never compares the trigger and CHECK that protect the column. An
+    existing column whose protection differs from the model (keyring, AAD
+    column, blind index added, changed or removed; read from
+    manna_crypt.protected_columns()) gets op.protect_column, followed by
+    op.backfill_blind_index when the new protection has a blind index.
+    (manna_crypt._alembic_autogen)
 """
 
 from __future__ import annotations
@@ -30,12 +37,10 @@ import logging
 from typing import Any, Optional
 
 import sqlalchemy as sa
-from alembic.autogenerate import comparators, renderers
-from alembic.operations import MigrateOperation, Operations, ops
+from alembic.operations import MigrateOperation, Operations
 
 from . import RowsLeftError
 from .psycopg import LOGGER_NAME, log_notice
-from .sqlalchemy import EncryptedText
 
 __all__ = [
     "CreateKeyringOp",
@@ -44,6 +49,7 @@ __all__ = [
     "MigrateFernetOp",
     "RewrapColumnOp",
     "EncryptColumnOp",
+    "BackfillBlindIndexOp",
     "ROWS_LEFT_SQLSTATE",
 ]
 
@@ -106,36 +112,63 @@ def _create_keyring(operations, op: CreateKeyringOp):
 
 @Operations.register_operation("protect_column")
 class ProtectColumnOp(MigrateOperation):
-    def __init__(self, table_name, column_name, keyring, aad_column=None, schema=None):
+    def __init__(self, table_name, column_name, keyring, aad_column=None, schema=None, blind_index_column=None,
+                 normalization=None, bits=None, _backfill=False, _previous=None):
         self.table_name = table_name
         self.column_name = column_name
         self.keyring = keyring
         self.aad_column = aad_column
         self.schema = schema
+        self.blind_index_column = blind_index_column
+        self.normalization = normalization
+        self.bits = bits
+        # set by autogenerate: render op.backfill_blind_index after it, and
+        # the protection it replaces (for reverse()), as ProtectColumnOp args
+        self._backfill = _backfill
+        self._previous = _previous
 
     @classmethod
-    def protect_column(cls, operations, table_name, column_name, keyring, aad_column=None, schema=None):
-        """manna_crypt.protect_column(table, column, keyring, aad_column):
-        from now on plaintext written to the column is encrypted by the
-        database (idempotent; the table's owner only)."""
-        return operations.invoke(cls(table_name, column_name, keyring, aad_column, schema))
+    def protect_column(cls, operations, table_name, column_name, keyring, aad_column=None, schema=None,
+                       blind_index_column=None, normalization=None, bits=None):
+        """manna_crypt.protect_column(table, column, keyring, aad_column,
+        blind_index_column, normalization, bits): from now on plaintext
+        written to the column is encrypted by the database, and the bytea
+        blind_index_column (if given) set to its blind-index term
+        (idempotent; the table's owner only). normalization and bits left
+        None take the function's defaults ('none', 256)."""
+        return operations.invoke(cls(table_name, column_name, keyring, aad_column, schema, blind_index_column,
+                                     normalization, bits))
+
+    def spec(self):
+        """The protection as protected_columns() reports it."""
+        if self.blind_index_column is None:
+            return (self.keyring, self.aad_column, None, None, None)
+        return (self.keyring, self.aad_column, self.blind_index_column, self.normalization or "none",
+                256 if self.bits is None else self.bits)
 
     def reverse(self):
-        return UnprotectColumnOp(self.table_name, self.column_name, self.schema, self.keyring, self.aad_column)
+        if self._previous is not None:
+            prev = self._previous
+            return ProtectColumnOp(self.table_name, self.column_name, *prev[:2], self.schema, *prev[2:],
+                                   _backfill=prev[2] is not None, _previous=self.spec())
+        return UnprotectColumnOp(self.table_name, self.column_name, self.schema, self.keyring, self.aad_column,
+                                 self.spec()[2:])
 
     def to_diff_tuple(self):
-        return ("protect_column", self.schema, self.table_name, self.column_name, self.keyring, self.aad_column)
+        return ("protect_column", self.schema, self.table_name, self.column_name) + self.spec()
 
 
 @Operations.register_operation("unprotect_column")
 class UnprotectColumnOp(MigrateOperation):
-    def __init__(self, table_name, column_name, schema=None, _keyring=None, _aad_column=None):
+    def __init__(self, table_name, column_name, schema=None, _keyring=None, _aad_column=None,
+                 _index=(None, None, None)):
         self.table_name = table_name
         self.column_name = column_name
         self.schema = schema
         # kept so that reverse() can protect it again
         self._keyring = _keyring
         self._aad_column = _aad_column
+        self._index = _index
 
     @classmethod
     def unprotect_column(cls, operations, table_name, column_name, schema=None):
@@ -149,21 +182,27 @@ class UnprotectColumnOp(MigrateOperation):
     def reverse(self):
         if self._keyring is None:
             raise NotImplementedError("unprotect_column does not know the keyring to protect with again")
-        return ProtectColumnOp(self.table_name, self.column_name, self._keyring, self._aad_column, self.schema)
+        return ProtectColumnOp(self.table_name, self.column_name, self._keyring, self._aad_column, self.schema,
+                               *self._index)
 
 
 @Operations.implementation_for(ProtectColumnOp)
 def _protect_column(operations, op: ProtectColumnOp):
-    stmt = sa.text(
-        "SELECT manna_crypt.protect_column(CAST(:tbl AS regclass), CAST(:col AS text), CAST(:keyring AS text),"
-        " CAST(:aad AS text))"
-    ).bindparams(
-        tbl=_regclass_text(operations, op.table_name, op.schema),
-        col=op.column_name,
-        keyring=op.keyring,
-        aad=op.aad_column,
-    )
-    _execute(operations, stmt)
+    sql = ("SELECT manna_crypt.protect_column(CAST(:tbl AS regclass), CAST(:col AS text), CAST(:keyring AS text),"
+           " CAST(:aad AS text)")
+    params = dict(tbl=_regclass_text(operations, op.table_name, op.schema), col=op.column_name,
+                  keyring=op.keyring, aad=op.aad_column)
+    # named, and only what is given: the function's defaults stay its own
+    if op.blind_index_column is not None:
+        sql += ", blind_index_column => CAST(:bidx AS text)"
+        params["bidx"] = op.blind_index_column
+        if op.normalization is not None:
+            sql += ", normalization => CAST(:norm AS text)"
+            params["norm"] = op.normalization
+        if op.bits is not None:
+            sql += ", bits => CAST(:bits AS integer)"
+            params["bits"] = op.bits
+    _execute(operations, sa.text(sql + ")").bindparams(**params))
 
 
 @Operations.implementation_for(UnprotectColumnOp)
@@ -193,6 +232,14 @@ class _ReencryptOp(MigrateOperation):
 
     def reverse(self):
         raise NotImplementedError(f"{self.procedure} is one-way")
+
+    def sql_args(self):
+        """The CALL's arguments after the table and column, and their parameters."""
+        names = [f"k{i}" for i in range(len(self.keyrings))]
+        args = [f"CAST(:{n} AS text)" for n in names]
+        args += ["batch_size => CAST(:bs AS integer)", "aad_column => CAST(:aad AS name)",
+                 "dry_run => CAST(:dry AS boolean)"]
+        return args, dict(zip(names, self.keyrings), bs=self.batch_size, aad=self.aad_column, dry=self.dry_run)
 
 
 @Operations.register_operation("migrate_fernet")
@@ -247,18 +294,13 @@ _LAST_RUN = sa.text(
 
 
 def _call_sql(op: _ReencryptOp, with_raise: bool) -> Any:
-    names = [f"k{i}" for i in range(len(op.keyrings))]
-    args = ["CAST(:tbl AS regclass)", "CAST(:col AS name)"] + [f"CAST(:{n} AS text)" for n in names]
-    args += ["batch_size => CAST(:bs AS integer)", "aad_column => CAST(:aad AS name)",
-             "dry_run => CAST(:dry AS boolean)"]
+    args, params = op.sql_args()
+    args = ["CAST(:tbl AS regclass)", "CAST(:col AS name)"] + args
     if with_raise:
         args.append("raise_on_failure => CAST(:raise AS boolean)")
-    sql = f"CALL manna_crypt.{op.procedure}({', '.join(args)})"
-    params = dict(zip(names, op.keyrings), col=op.column_name, bs=op.batch_size, aad=op.aad_column,
-                  dry=op.dry_run)
-    if with_raise:
         params["raise"] = op.raise_on_failure
-    return sa.text(sql), params
+    sql = f"CALL manna_crypt.{op.procedure}({', '.join(args)})"
+    return sa.text(sql), dict(params, col=op.column_name)
 
 
 class _Notices:
@@ -336,109 +378,33 @@ def _call_online(operations, op: _ReencryptOp, tbl: str):
     return row.run_id
 
 
-for _cls in (MigrateFernetOp, RewrapColumnOp, EncryptColumnOp):
+@Operations.register_operation("backfill_blind_index")
+class BackfillBlindIndexOp(_ReencryptOp):
+    procedure = "backfill_blind_index"
+
+    @classmethod
+    def backfill_blind_index(cls, operations, table_name, column_name, batch_size=1000, dry_run=False,
+                             raise_on_failure=True, schema=None):
+        """CALL manna_crypt.backfill_blind_index(...) in an autocommit block:
+        the blind-index column of a protected column set, row by row, to
+        the term under the keyring's active index key (after a blind index
+        is added to a column that has rows, and after rotate_index_key).
+        The keyring, AAD column, index column, normalization and bits are
+        the column's protection's."""
+        return operations.invoke(cls(table_name, column_name, (), batch_size, None, dry_run, raise_on_failure,
+                                     schema))
+
+    def sql_args(self):
+        return (["batch_size => CAST(:bs AS integer)", "dry_run => CAST(:dry AS boolean)"],
+                dict(bs=self.batch_size, dry=self.dry_run))
+
+
+for _cls in (MigrateFernetOp, RewrapColumnOp, EncryptColumnOp, BackfillBlindIndexOp):
     Operations.implementation_for(_cls)(_run_reencrypt)
 
 
-# ---- autogenerate -------------------------------------------------------------------
-
-_IMPORT = "import manna_crypt.alembic  # noqa: F401  (registers op.protect_column)"
-
-
-def _as_text(col: sa.Column) -> sa.Column:
-    """A copy of an EncryptedText column typed sa.Text() for rendering (the
-    database column is text); the model's own column is left alone."""
-    copy = col._copy()
-    copy.type = sa.Text()
-    return copy
+# The autogenerate hooks and renderers; imported last, as they use the
+# operations above.
+from . import _alembic_autogen  # noqa: E402,F401
 
 
-def _protect_op(col: sa.Column, table_name: str, schema: Optional[str]) -> ProtectColumnOp:
-    typ: EncryptedText = col.type
-    return ProtectColumnOp(table_name, col.name, typ.keyring, typ.aad, schema)
-
-
-@comparators.dispatch_for("schema")
-def _protect_new_encrypted_columns(autogen_context, upgrade_ops, schemas):
-    """Runs after Alembic's own table comparison (registered later): every
-    EncryptedText column that the upgrade creates is rendered as text and
-    followed by op.protect_column."""
-    new_ops = []
-    for op in upgrade_ops.ops:
-        new_ops.append(op)
-        if isinstance(op, ops.CreateTableOp):
-            enc = [c for c in op.columns if isinstance(c, sa.Column) and isinstance(c.type, EncryptedText)]
-            if enc:
-                op.columns = [_as_text(c) if any(c is e for e in enc) else c for c in op.columns]
-                new_ops.extend(_protect_op(c, op.table_name, op.schema) for c in enc)
-        elif isinstance(op, ops.ModifyTableOps):
-            inner = []
-            for sub in op.ops:
-                if isinstance(sub, ops.AddColumnOp) and isinstance(sub.column.type, EncryptedText):
-                    protect = _protect_op(sub.column, sub.table_name, sub.schema)
-                    sub.column = _as_text(sub.column)
-                    inner.extend([sub, protect])
-                else:
-                    inner.append(sub)
-            op.ops = inner
-    upgrade_ops.ops[:] = new_ops
-
-
-_PROTECT_SPECS = sa.text(
-    "SELECT t.tgargs FROM pg_catalog.pg_trigger t"
-    " WHERE t.tgrelid = CAST(:tbl AS regclass) AND t.tgname = 'zz_manna_crypt_protect'"
-)
-
-
-def _protect_specs(autogen_context, schema: Optional[str], tname: str) -> dict:
-    """{column: (keyring, aad column or None)} of the table's protected
-    columns, from the arguments of its zz_manna_crypt_protect trigger
-    (column, keyring, AAD column, ...; see protect_column)."""
-    conn = autogen_context.connection
-    if conn is None:
-        return {}
-    prep = conn.dialect.identifier_preparer
-    name = f"{prep.quote_schema(schema)}.{prep.quote(tname)}" if schema else prep.quote(tname)
-    raw = conn.execute(_PROTECT_SPECS, {"tbl": name}).scalar()
-    if raw is None:
-        return {}
-    args = bytes(raw).split(b"\0")[:-1]
-    args = [a.decode("utf-8") for a in args]
-    return {args[i]: (args[i + 1], args[i + 2] or None) for i in range(0, len(args) - 2, 3)}
-
-
-@comparators.dispatch_for("table")
-def _protect_existing_encrypted_columns(autogen_context, modify_table_ops, schema, tname, conn_table,
-                                        metadata_table):
-    """An EncryptedText column that exists in the database but is not
-    protected there as the model says (a Text attribute turned into
-    EncryptedText, another keyring or AAD column) gets op.protect_column.
-    The other way round renders nothing: a column protected in SQL but
-    mapped as Text is never unprotected by autogenerate."""
-    if conn_table is None or metadata_table is None:
-        return
-    enc = [c for c in metadata_table.c if isinstance(c.type, EncryptedText) and c.name in conn_table.c]
-    if not enc:
-        return
-    specs = _protect_specs(autogen_context, schema, tname)
-    for col in enc:
-        if specs.get(col.name) != (col.type.keyring, col.type.aad):
-            modify_table_ops.ops.append(_protect_op(col, tname, schema))
-
-
-def _fmt(*args: Any, **kw: Any) -> str:
-    parts = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kw.items() if v is not None]
-    return ", ".join(parts)
-
-
-@renderers.dispatch_for(ProtectColumnOp)
-def _render_protect(autogen_context, op: ProtectColumnOp) -> str:
-    autogen_context.imports.add(_IMPORT)
-    args = _fmt(op.table_name, op.column_name, op.keyring, aad_column=op.aad_column, schema=op.schema)
-    return f"op.protect_column({args})"
-
-
-@renderers.dispatch_for(UnprotectColumnOp)
-def _render_unprotect(autogen_context, op: UnprotectColumnOp) -> str:
-    autogen_context.imports.add(_IMPORT)
-    return f"op.unprotect_column({_fmt(op.table_name, op.column_name, schema=op.schema)})"

@@ -17,6 +17,15 @@ manna_crypt.protect_column(): the key never leaves the database.
 * ==, !=, IN, LIKE, <, ORDER BY … on the column raise EncryptedComparisonError:
   the stored value is a ciphertext with a fresh nonce, so SQL comparisons
   can never match. IS NULL / IS NOT NULL work.
+* With a blind index (`EncryptedText("pii", aad="id", blind_index="email_bidx",
+  normalization="email")`, the column protected with the same
+  blind_index_column and normalization), == and in_() compare the
+  blind-index column of the same FROM element instead:
+  users.email_bidx = ANY(manna_crypt.blind_index_all(:v, 'pii', 'email', 256)),
+  an index condition on a btree index over email_bidx that also matches
+  rows still under an older index key. With bits < 256 the lookup adds a
+  recheck that decrypts (see manna_crypt._blind). Every other comparison
+  still raises.
 
 The AAD column is a column of the same table (smallint, integer, bigint,
 text, varchar or uuid: what protect_column accepts), named by its database
@@ -30,30 +39,24 @@ import operator
 from typing import Any, Optional
 
 from sqlalchemy import Text, case, cast, func, literal, null, select
-from sqlalchemy.exc import CompileError, InvalidRequestError
 from sqlalchemy.sql import operators
 from sqlalchemy.types import TypeDecorator
 
+from ._blind import EncryptedComparisonError, blind_lookup, check_bits, column_label, sibling
+
 __all__ = ["EncryptedText", "EncryptedComparisonError", "decrypted", "health", "health_check"]
-
-
-class EncryptedComparisonError(InvalidRequestError):
-    """An SQL comparison on an EncryptedText column (it could never match)."""
 
 
 # Operators that do not look at the value and so work on a ciphertext.
 _ALLOWED = {operators.is_, operators.is_not}
 
 
-def _column_label(expr: Any) -> str:
-    table = getattr(expr, "table", None)
-    name = getattr(expr, "name", None) or "?"
-    tname = getattr(table, "name", None) or getattr(table, "description", None)
-    return f"{tname}.{name}" if tname else str(name)
-
-
 class _Comparator(TypeDecorator.Comparator):  # type: ignore[name-defined]
     def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
+        if self.type.blind_index is not None:
+            lookup = blind_lookup(self.type, self.expr, op, other)
+            if lookup is not None:
+                return lookup
         self._check(op, other)
         return super().operate(op, *other, **kwargs)
 
@@ -68,11 +71,19 @@ class _Comparator(TypeDecorator.Comparator):  # type: ignore[name-defined]
         if op in (operator.eq, operator.ne, operators.eq, operators.ne) and len(other) == 1 and other[0] is None:
             return
         name = getattr(op, "__name__", str(op))
+        label = column_label(self.expr)
+        if self.type.blind_index is not None:
+            raise EncryptedComparisonError(
+                f"cannot use {name} on encrypted column {label}: its blind index "
+                f"{self.type.blind_index!r} answers equality only (== and in_() with values). Filter "
+                "on another column, or compare in Python after loading; IS NULL / IS NOT NULL work."
+            )
         raise EncryptedComparisonError(
-            f"cannot use {name} on encrypted column {_column_label(self.expr)}: it stores AES-256-GCM "
+            f"cannot use {name} on encrypted column {label}: it stores AES-256-GCM "
             "ciphertexts with a fresh random nonce, so SQL comparisons, ordering and pattern matching "
-            "never see the plaintext (blind indexes for equality are planned). Filter on another "
-            "column, or compare in Python after loading; IS NULL / IS NOT NULL work."
+            "never see the plaintext. For == and in_(), give it a blind index (EncryptedText(..., "
+            "blind_index=...), README \"Blind indexes\"); otherwise filter on another column, or "
+            "compare in Python after loading; IS NULL / IS NOT NULL work."
         )
 
 
@@ -85,10 +96,20 @@ class EncryptedText(TypeDecorator):
     comparator_factory = _Comparator
 
     def __init__(self, keyring: str, aad: Optional[str] = None, fernet_keyring: Optional[str] = None,
-                 fernet: Any = None) -> None:
+                 fernet: Any = None, blind_index: Optional[str] = None, normalization: str = "none",
+                 bits: int = 256) -> None:
         """keyring: the AES-GCM keyring protect_column() encrypts under (also
         what autogenerate's op.protect_column names); aad: the database name
         of the AAD column of the same table, or None.
+
+        blind_index: the database name of the column's bytea blind-index
+        column in the same table (map it in the model too), kept by the
+        protect trigger (protect_column(..., blind_index_column =>,
+        normalization =>, bits =>), which autogenerate renders from these
+        three): == and in_() then look values up through it (module
+        docstring). normalization ('none', 'lower', 'email', 'digits') and
+        bits (8 to 256, a multiple of 8) must be the column's; below 256
+        bits a lookup also decrypts its candidate rows to recheck them.
 
         For the releases of a live Fernet -> AES-256-GCM migration (README,
         "Deploy order"): fernet_keyring, the Fernet keyring holding the
@@ -104,16 +125,27 @@ class EncryptedText(TypeDecorator):
             raise ValueError("EncryptedText needs the keyring name")
         if fernet is not None and fernet_keyring is None:
             raise ValueError("fernet= (Fernet writes) needs fernet_keyring= (Fernet reads)")
+        if blind_index is None and (normalization != "none" or bits != 256):
+            raise ValueError("normalization= and bits= describe a blind index: give blind_index= too")
+        if blind_index is not None:
+            if not blind_index or not isinstance(normalization, str) or not normalization:
+                raise ValueError("blind_index= and normalization= must be non-empty names")
+            check_bits(bits)
         super().__init__()
         self.keyring = keyring
         self.aad = aad
         self.fernet_keyring = fernet_keyring
         self.fernet = fernet
+        self.blind_index = blind_index
+        self.normalization = normalization
+        self.bits = bits
 
     def __repr__(self) -> str:
         args = repr(self.keyring) + (f", aad={self.aad!r}" if self.aad is not None else "")
         if self.fernet_keyring is not None:
             args += f", fernet_keyring={self.fernet_keyring!r}"
+        if self.blind_index is not None:
+            args += f", blind_index={self.blind_index!r}, normalization={self.normalization!r}, bits={self.bits!r}"
         return f"EncryptedText({args})"
 
     # -- reading: decrypt in SQL -------------------------------------------------
@@ -121,19 +153,7 @@ class EncryptedText(TypeDecorator):
     def aad_column(self, col: Any) -> Any:
         """The AAD column beside `col` in the same FROM element (a table, an
         alias of it, the `excluded` row of an upsert, a subquery)."""
-        table = getattr(col, "table", None)
-        if table is None:
-            raise CompileError(
-                f"EncryptedText column {_column_label(col)} is selected without its table, so its AAD "
-                f"column {self.aad!r} cannot be found; select it from the mapped table"
-            )
-        for c in table.c:
-            if c.name == self.aad or c.key == self.aad:
-                return c
-        raise CompileError(
-            f"EncryptedText column {_column_label(col)}: its AAD column {self.aad!r} is not a column of "
-            f"{getattr(table, 'name', None) or table}; select it in the same subquery"
-        )
+        return sibling(col, self.aad, "AAD")
 
     def decrypt_expression(self, col: Any) -> Any:
         aad = None if self.aad is None else cast(self.aad_column(col), Text)
@@ -176,7 +196,8 @@ class EncryptedText(TypeDecorator):
         return None  # decrypt_gcm() already returns the text
 
     def copy(self, **kw: Any) -> "EncryptedText":
-        return EncryptedText(self.keyring, self.aad, self.fernet_keyring, self.fernet)
+        return EncryptedText(self.keyring, self.aad, self.fernet_keyring, self.fernet, self.blind_index,
+                             self.normalization, self.bits)
 
     # Alembic autogenerate: the database column is plain `text` (the
     # protection is a trigger and a CHECK, which autogenerate never compares).
