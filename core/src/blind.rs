@@ -5,8 +5,10 @@
 //! wrapped under the root key like a data key, never derived from one: an
 //! index key never encrypts and a data key never indexes.
 //!
-//! Term, format version 1: `0x01 ‖ key_id (u32 BE) ‖ HMAC[..n]`, where `n`
-//! is 1 to 32 bytes (the truncation) and the MAC is over
+//! Term, format version 1: `0x01 ‖ key_id (u32 BE) ‖ normalization (1 byte)
+//! ‖ HMAC[..n]`, where `n` is 1 to 32 bytes (the truncation), the
+//! normalization byte is the first of its tag (`n`, `l`, `e`, `d`), and the
+//! MAC is over
 //!
 //! ```text
 //! key ⊕ ipad ‖ domain (128 bytes) ‖ normalization tag (2 bytes) ‖ normalized value
@@ -18,7 +20,10 @@
 //! (its name's first letter and its version) keeps a value normalized one
 //! way from matching one normalized another way. The key id in clear lets a
 //! lookup compare against every live key version's term during a rotation,
-//! and lets a key's retirement count the rows still under it.
+//! and lets a key's retirement count the rows still under it; the
+//! normalization in clear, with the term's length (the truncation), lets a
+//! backfill see which stored terms a changed normalization or truncation
+//! left behind.
 //!
 //! Speed: the domain fills exactly two SHA-256 blocks, so they are absorbed
 //! once per key into the precomputed inner state ([`BlindKey::new`]); a
@@ -41,8 +46,8 @@ use crate::secret::Key32;
 
 /// The first byte of a version-1 term.
 pub const FORMAT_V1: u8 = 0x01;
-/// Format byte and key id.
-pub const HEADER_LEN: usize = 5;
+/// Format byte, key id, normalization byte.
+pub const HEADER_LEN: usize = 6;
 pub const MAC_LEN: usize = 32;
 
 const DOMAIN_LABEL: &[u8] = b"manna_crypt/blind-index/v1";
@@ -87,6 +92,11 @@ impl Normalize {
         }
     }
 
+    /// The byte a term carries in clear (the tag's first).
+    pub fn code(self) -> u8 {
+        self.tag()[0]
+    }
+
     /// Bound into every term: a new version of a normalization gets a new
     /// name and a new tag, and old terms stay what they were.
     fn tag(self) -> [u8; 2] {
@@ -116,7 +126,10 @@ impl Normalize {
 }
 
 fn lower(value: &str) -> Cow<'_, str> {
-    if value.bytes().all(|b| b.is_ascii() && !b.is_ascii_uppercase()) {
+    if value
+        .bytes()
+        .all(|b| b.is_ascii() && !b.is_ascii_uppercase())
+    {
         Cow::Borrowed(value)
     } else {
         Cow::Owned(value.to_lowercase())
@@ -143,6 +156,14 @@ pub fn term_key_id(term: &[u8]) -> Option<u32> {
     } else {
         None
     }
+}
+
+/// Whether `term` is a version-1 term under `key_id` of the given
+/// normalization and truncation: one a backfill leaves as it is.
+pub fn term_is_current(term: &[u8], key_id: u32, normalize: Normalize, mac_len: usize) -> bool {
+    term_key_id(term) == Some(key_id)
+        && term[5] == normalize.code()
+        && term.len() == HEADER_LEN + mac_len
 }
 
 const IV: [u32; 8] = [
@@ -176,7 +197,10 @@ impl Sha256State {
             self.buf_len += take;
             data = &data[take..];
             if self.buf_len == 64 {
-                sha2::compress256(&mut self.state, &[GenericArray::clone_from_slice(&self.buf)]);
+                sha2::compress256(
+                    &mut self.state,
+                    &[GenericArray::clone_from_slice(&self.buf)],
+                );
                 self.buf_len = 0;
             }
         }
@@ -259,6 +283,7 @@ impl BlindKey {
         let mut out = Vec::with_capacity(HEADER_LEN + n);
         out.push(FORMAT_V1);
         out.extend_from_slice(&self.key_id.to_be_bytes());
+        out.push(normalize.code());
         out.extend_from_slice(&mac[..n]);
         mac.zeroize();
         if let Cow::Owned(mut s) = normalized {
@@ -364,6 +389,17 @@ mod tests {
     }
 
     #[test]
+    fn current_terms_match_key_normalization_and_truncation() {
+        let bk = BlindKey::new(&key(5), 8, "pii");
+        let t = bk.term(Normalize::Email, "a@x.io", 32);
+        assert_eq!(t[5], b'e');
+        assert!(term_is_current(&t, 8, Normalize::Email, 32));
+        assert!(!term_is_current(&t, 9, Normalize::Email, 32));
+        assert!(!term_is_current(&t, 8, Normalize::Lower, 32));
+        assert!(!term_is_current(&t, 8, Normalize::Email, 8));
+    }
+
+    #[test]
     fn equal_after_normalization() {
         let bk = BlindKey::new(&key(4), 3, "pii");
         assert_eq!(
@@ -379,8 +415,8 @@ mod tests {
     #[test]
     fn term_key_id_rejects_other_shapes() {
         assert_eq!(term_key_id(b""), None);
-        assert_eq!(term_key_id(&[1, 0, 0, 0, 1]), None);
-        assert_eq!(term_key_id(&[2, 0, 0, 0, 1, 9]), None);
-        assert_eq!(term_key_id(&[1, 0, 0, 1, 0, 9]), Some(256));
+        assert_eq!(term_key_id(&[1, 0, 0, 0, 1, b'n']), None);
+        assert_eq!(term_key_id(&[2, 0, 0, 0, 1, b'n', 9]), None);
+        assert_eq!(term_key_id(&[1, 0, 0, 1, 0, b'n', 9]), Some(256));
     }
 }

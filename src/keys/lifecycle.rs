@@ -102,12 +102,14 @@ fn existing(name: &str, if_not_exists: bool) -> McResult<i32> {
             "keyring \"{name}\" already exists as a Fernet keyring"
         )));
     }
-    let key_id = store::active_key_id(ring.keyring_id, Purpose::Data)?.ok_or_else(|| McError::WrongState {
-        message: format!("keyring \"{name}\" has no active key"),
-        detail: None,
-        hint: Some(format!(
-            "make one with manna_crypt.rotate_keyring('{name}')"
-        )),
+    let key_id = store::active_key_id(ring.keyring_id, Purpose::Data)?.ok_or_else(|| {
+        McError::WrongState {
+            message: format!("keyring \"{name}\" has no active key"),
+            detail: None,
+            hint: Some(format!(
+                "make one with manna_crypt.rotate_keyring('{name}')"
+            )),
+        }
     })?;
     notice(format!("keyring \"{name}\" already exists, skipping"));
     Ok(key_id)

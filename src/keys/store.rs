@@ -70,7 +70,9 @@ const PURPOSE: &str = "\
 
 /// A statement with `{kind}` and `{purpose}` spelled out.
 fn sql(statement: &str) -> String {
-    statement.replace("{kind}", KIND).replace("{purpose}", PURPOSE)
+    statement
+        .replace("{kind}", KIND)
+        .replace("{purpose}", PURPOSE)
 }
 
 const KEY_BY_ID: &str = "\
@@ -124,15 +126,20 @@ pub struct KeyRow {
 }
 
 pub fn key_by_id(key_id: u32) -> McResult<Option<KeyRow>> {
-    let rows = spi::rows(Mode::Read, &sql(KEY_BY_ID), &[i64::from(key_id).into()], |r| {
-        Ok(KeyRow {
-            keyring: r.req(1)?,
-            kind: kind(&r.req::<String>(2)?)?,
-            status: Status::parse(&r.req::<String>(3)?),
-            wrapped: r.get(4)?,
-            keyring_id: r.req::<i32>(5)? as u32,
-        })
-    })?;
+    let rows = spi::rows(
+        Mode::Read,
+        &sql(KEY_BY_ID),
+        &[i64::from(key_id).into()],
+        |r| {
+            Ok(KeyRow {
+                keyring: r.req(1)?,
+                kind: kind(&r.req::<String>(2)?)?,
+                status: Status::parse(&r.req::<String>(3)?),
+                wrapped: r.get(4)?,
+                keyring_id: r.req::<i32>(5)? as u32,
+            })
+        },
+    )?;
     Ok(rows.into_iter().next())
 }
 

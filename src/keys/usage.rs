@@ -188,9 +188,12 @@ pub fn key_usage(key_id: i32) -> McResult<Vec<(String, i64)>> {
             KeyKind::Index => INDEX_TYPES,
             _ => TEXT_TYPES,
         };
-        let columns = spi::rows(Mode::Read, &KEY_COLUMNS.replace("{types}", types), &[], |r| {
-            Ok((r.req::<String>(1)?, r.req::<String>(2)?))
-        })?;
+        let columns = spi::rows(
+            Mode::Read,
+            &KEY_COLUMNS.replace("{types}", types),
+            &[],
+            |r| Ok((r.req::<String>(1)?, r.req::<String>(2)?)),
+        )?;
         let mut users = Vec::new();
         for (tbl, col) in columns {
             let n = count_column(&tbl, &col, key_id, key.kind)?;

@@ -17,7 +17,6 @@ const TRIGGER_ARGS: &str = "\
     SELECT t.tgargs FROM pg_catalog.pg_trigger t \
      WHERE t.tgrelid = $1 AND t.tgname = $2";
 
-
 /// One protected column as the trigger's arguments spell it (see
 /// [`super::row::FIELDS`]): col, keyring, aad column, blind-index column,
 /// normalize, bits; '' for an absent column.
@@ -82,7 +81,6 @@ impl From<Fields> for Protection {
     }
 }
 
-
 /// Every protected trigger's table with its arguments, this database.
 const ALL_TRIGGERS: &str = "\
     SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text, t.tgargs \
@@ -92,7 +90,6 @@ const ALL_TRIGGERS: &str = "\
      WHERE t.tgname = $1 \
        AND t.tgfoid = 'manna_crypt._protect()'::pg_catalog.regprocedure \
      ORDER BY 1, 2";
-
 
 /// Every protected column of this database with its settings (what the
 /// protect trigger's arguments say; readable by anyone who can read
@@ -113,7 +110,11 @@ fn protected_columns() -> TableIterator<
     ),
 > {
     let rows = spi::rows(Mode::Read, ALL_TRIGGERS, &[TRIGGER_NAME.into()], |r| {
-        Ok((r.req::<String>(1)?, r.req::<String>(2)?, r.req::<Vec<u8>>(3)?))
+        Ok((
+            r.req::<String>(1)?,
+            r.req::<String>(2)?,
+            r.req::<Vec<u8>>(3)?,
+        ))
     })
     .or_raise();
     let mut out = Vec::new();

@@ -168,7 +168,6 @@ impl Row<'_, '_> {
     }
 }
 
-
 impl Row<'_, '_> {
     /// A bytea column's value, borrowed from the tuple (detoasted in the
     /// trigger's memory context if need be).

@@ -14,13 +14,14 @@
 //! before the trigger and refuse the plaintext the trigger is there to
 //! encrypt; a table CHECK runs after BEFORE triggers.
 
+use manna_crypt_core::blind;
 use pgrx::prelude::*;
 use serde_json::json;
 
 use super::config::{current_specs, Fields};
 use super::trigger::TRIGGER_NAME;
-use crate::error::{not_null, McError, McResult, OrRaise};
 use crate::crypto::TermShape;
+use crate::error::{not_null, McError, McResult, OrRaise};
 use crate::keys::{indexkeys, store, usage};
 use crate::pg::datum::Regclass;
 use crate::pg::report;
@@ -333,28 +334,40 @@ fn protect(
         audit(&role, "protect_column", &table, col, Some((keyring, aad)))
     })?;
     if let Some(index) = &index {
-        notice_unindexed(tbl, &table, col, index.col)?;
+        notice_unindexed(tbl, &table, col, index)?;
     }
     Ok(())
 }
 
+/// Rows with a value and no term, or a term of another normalization or
+/// truncation (the term's sixth byte and its length, see
+/// `manna_crypt_core::blind`).
 const UNINDEXED: &str = "\
     SELECT pg_catalog.format('SELECT EXISTS (SELECT FROM ONLY %s WHERE %I IS NOT NULL \
-             AND %I IS NULL)', $1::pg_catalog.regclass, $2, $3)";
+             AND (%I IS NULL OR pg_catalog.substr(%I, 6, 1) OPERATOR(pg_catalog.<>) %L::bytea \
+                  OR pg_catalog.length(%I) OPERATOR(pg_catalog.<>) %s))', \
+           $1::pg_catalog.regclass, $2, $3, $3, $4, $3, $5)";
 
-/// Rows written before the index existed have no term: say how to fill it.
-fn notice_unindexed(tbl: Regclass, table: &str, col: &str, index_col: &str) -> McResult<()> {
-    let sql = spi::one::<String>(
-        Mode::Read,
-        UNINDEXED,
-        &[tbl.0.into(), col.into(), index_col.into()],
-    )?
-    .unwrap_or_default();
+/// Rows written before the index existed (or before its normalization or
+/// truncation changed) have no current term: say how to fill it.
+fn notice_unindexed(tbl: Regclass, table: &str, col: &str, index: &IndexSpec<'_>) -> McResult<()> {
+    let shape = TermShape::parse(index.normalize, index.bits)?;
+    let code = format!("\\x{:02x}", shape.normalize.code());
+    let len = (blind::HEADER_LEN + shape.mac_len) as i32;
+    let args = [
+        tbl.0.into(),
+        col.into(),
+        index.col.into(),
+        code.as_str().into(),
+        len.into(),
+    ];
+    let sql = spi::one::<String>(Mode::Read, UNINDEXED, &args)?.unwrap_or_default();
+    let index_col = index.col;
     if spi::one::<bool>(Mode::Read, &sql, &[])?.unwrap_or(false) {
         report::notice(format!(
-            "rows of {table} written before now have no blind-index term in \"{index_col}\" \
-             and are not found by lookups yet: CALL manna_crypt.backfill_blind_index('{table}', \
-             '{col}')"
+            "rows of {table} written before now have no current blind-index term in \
+             \"{index_col}\" and are not found by lookups yet: CALL \
+             manna_crypt.backfill_blind_index('{table}', '{col}')"
         ));
     }
     Ok(())

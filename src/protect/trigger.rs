@@ -73,7 +73,6 @@ pub unsafe extern "C-unwind" fn _protect_wrapper(
     datum
 }
 
-
 /// The ciphertext this backend's BEFORE INSERT trigger produced last, with
 /// the AAD it is bound to. An `INSERT ... ON CONFLICT DO UPDATE SET col =
 /// EXCLUDED.col` fires the INSERT trigger for the proposed row and then the
@@ -240,11 +239,7 @@ fn term_of(plaintext: &[u8], spec: &Spec<'_>) -> McResult<Vec<u8>> {
 
 /// The protected column itself: the value to store instead goes into `out`;
 /// returns the column's number and what is known of its plaintext.
-fn value(
-    row: &Row<'_, '_>,
-    spec: &Spec<'_>,
-    out: &mut Changes,
-) -> McResult<Option<(i32, Plain)>> {
+fn value(row: &Row<'_, '_>, spec: &Spec<'_>, out: &mut Changes) -> McResult<Option<(i32, Plain)>> {
     let (attnum, typoid) = row.attnum(spec.col, "protected column")?;
     if typoid != pg_sys::TEXTOID {
         return Err(McError::WrongType {
@@ -344,7 +339,10 @@ fn value(
     }
     out.set(attnum, Some(datum));
     // Without an index the plaintext is not needed (and not copied).
-    Ok(Some((attnum, plaintext.map_or(Plain::Unchanged, Plain::Known))))
+    Ok(Some((
+        attnum,
+        plaintext.map_or(Plain::Unchanged, Plain::Known),
+    )))
 }
 
 fn seal(plaintext: &[u8], keyring: &str, aad: &Option<String>) -> McResult<String> {

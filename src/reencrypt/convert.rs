@@ -95,9 +95,11 @@ impl Keys {
             let target_id = match ring.live.first() {
                 Some(key) if ring.has_active => key.key_id(),
                 // Fails here, before any row: the keyring's error for it.
-                _ => return Err(index_term(keyring, *shape, "").err().unwrap_or_else(|| {
-                    McError::Internal("no active index key".into())
-                })),
+                _ => {
+                    return Err(index_term(keyring, *shape, "")
+                        .err()
+                        .unwrap_or_else(|| McError::Internal("no active index key".into())))
+                }
             };
             return Ok(Keys {
                 target_id,
@@ -228,13 +230,19 @@ fn rewrap(keys: &Keys, value: &str, aad: &[u8]) -> Outcome {
     }
 }
 
-/// A backfill's decision: a term under the active index key (of the right
-/// length) is done; otherwise the ciphertext is opened under the row's AAD
-/// and its term computed, as hex for the batch's SET (`decode(.., 'hex')`).
-fn index(keys: &Keys, shape: TermShape, value: &str, aad: &[u8], current: Option<&[u8]>) -> Outcome {
-    let done = current.is_some_and(|t| {
-        blind::term_key_id(t) == Some(keys.target_id) && t.len() == blind::HEADER_LEN + shape.mac_len
-    });
+/// A backfill's decision: a term under the active index key, of the
+/// column's normalization and truncation, is done; otherwise the
+/// ciphertext is opened under the row's AAD and its term computed, as hex
+/// for the batch's SET (`decode(.., 'hex')`).
+fn index(
+    keys: &Keys,
+    shape: TermShape,
+    value: &str,
+    aad: &[u8],
+    current: Option<&[u8]>,
+) -> Outcome {
+    let done = current
+        .is_some_and(|t| blind::term_is_current(t, keys.target_id, shape.normalize, shape.mac_len));
     if done {
         return Outcome::Already;
     }

@@ -38,7 +38,7 @@ def reference_term(key: bytes, key_id: int, keyring: str, normalization: str, va
         "digits": "".join(ch for ch in value if ch in "0123456789"),
     }[normalization]
     mac = hmac.new(key, domain + TAGS[normalization] + norm.encode(), hashlib.sha256).digest()
-    return b"\x01" + key_id.to_bytes(4, "big") + mac[: bits // 8]
+    return b"\x01" + key_id.to_bytes(4, "big") + TAGS[normalization][:1] + mac[: bits // 8]
 
 
 def root_key() -> str:
@@ -83,7 +83,7 @@ def test_terms_follow_the_documented_construction(conn):
             got = bytes(one(conn, "SELECT manna_crypt.blind_index(%s, 'pii', %s)", (v, normalization)))
             assert got == reference_term(key, key_id, "pii", normalization, v), (normalization, v)
     got = bytes(one(conn, "SELECT manna_crypt.blind_index('x', 'pii', 'none', 32)"))
-    assert got == reference_term(key, key_id, "pii", "none", "x", 32) and len(got) == 9
+    assert got == reference_term(key, key_id, "pii", "none", "x", 32) and len(got) == 10
     # Normalized forms compare equal; the exact form does not.
     assert one(conn, "SELECT manna_crypt.blind_index(' A@x.IO', 'pii', 'email') = "
                      "manna_crypt.blind_index('a@x.io', 'pii', 'email')")
@@ -112,7 +112,7 @@ def test_keyrings_are_separate_domains_and_keys_separate_kinds(conn):
     conn.execute("SELECT manna_crypt.rotate_index_key('pii2')")
     a = bytes(one(conn, "SELECT manna_crypt.blind_index('same', 'pii')"))
     b = bytes(one(conn, "SELECT manna_crypt.blind_index('same', 'pii2')"))
-    assert a[5:] != b[5:]
+    assert a[6:] != b[6:]
     # An index key never decrypts: a ciphertext naming it is refused.
     ct = one(conn, "SELECT manna_crypt.encrypt_gcm('x'::text, 'pii'::text)::text")
     import base64

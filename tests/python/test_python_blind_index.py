@@ -192,8 +192,6 @@ def run_backfill(db, **kw):
         eng.dispose()
 
 
-@pytest.mark.xfail(strict=True, reason="SQL side (0.2.0 e41efcf): backfill_blind_index counts a term under "
-                   "the active index key as done even when the column's normalization or bits changed")
 def test_backfill_recomputes_terms_after_a_normalization_change(users, fresh_db):
     with Session(users) as s:
         s.add(User(email=" B@x.io"))
