@@ -163,3 +163,15 @@ COMMENT ON FUNCTION manna_crypt.protect_column(regclass, text, text, text) IS 'e
 COMMENT ON FUNCTION manna_crypt.unprotect_column(regclass, text) IS 'stop encrypting writes to a protected column (stored values stay as they are)';
 COMMENT ON FUNCTION manna_crypt._protect() IS 'internal: the protect trigger (arguments: column, keyring, AAD column triplets)';
 COMMENT ON FUNCTION manna_crypt._protected_check(text, text) IS 'internal: the CHECK of a protected column; raises 23514 without the row for anything but a ciphertext';
+
+---------------------------------------------------------------------------
+-- Keyring grants (sql/grants.sql, src/keys/access.rs)
+---------------------------------------------------------------------------
+GRANT EXECUTE ON FUNCTION
+    manna_crypt.grant_keyring_access(text, regrole, text),
+    manna_crypt.revoke_keyring_access(text, regrole, text)
+  TO manna_crypt_admin;
+GRANT SELECT ON manna_crypt.keyring_access, manna_crypt.keyring_grants TO manna_crypt_admin;
+COMMENT ON FUNCTION manna_crypt.grant_keyring_access(text, regrole, text) IS 'allow a role (and the roles with its privileges) to encrypt, decrypt or compute blind indexes with a keyring (* = every keyring); administrators only; audited';
+COMMENT ON FUNCTION manna_crypt.revoke_keyring_access(text, regrole, text) IS 'take back a keyring grant; administrators only; audited';
+COMMENT ON FUNCTION manna_crypt._invalidate_grants_cache() IS 'internal: queue a keyring grant cache invalidation for every backend';

@@ -2,6 +2,13 @@
 //! share: a nonce source per backend, raw keys, keyring keys through the key
 //! cache, Fernet tokens through a Fernet keyring.
 //!
+//! Keyring grants: sealing under a keyring needs `encrypt` on it, opening
+//! a keyring's value or token needs `decrypt` (see `keys::grants`), judged
+//! for the current user after the key itself was found, so an unknown
+//! keyring or key stays 42704. The re-encryption engine checks its caller
+//! before it switches to the table's owner and then uses the `prechecked`
+//! forms here.
+//!
 //! Nonces: each backend (and each parallel worker, a separate process) draws
 //! from its own generator, reseeded whenever the process id changes (see
 //! `manna_crypt_core::nonce`), so forked processes never share a stream.
@@ -18,6 +25,7 @@ use zeroize::Zeroizing;
 use crate::error::{McError, McResult};
 use crate::keys::budget;
 use crate::keys::cache::{self, ActiveKey};
+use crate::keys::grants::{self, Privilege};
 use crate::pg::xact::backend_pid;
 
 thread_local! {
@@ -25,6 +33,8 @@ thread_local! {
     /// The last raw key used, with its expanded schedule: a query that passes
     /// the same key for a million rows expands it once.
     static RAW_KEY: RefCell<Option<(Key32, Cipher)>> = const { RefCell::new(None) };
+    /// The ciphertext [`seal_verified`] produced last (see [`sealed_by_engine`]).
+    static ENGINE_SEALED: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
 /// The largest text or bytea value PostgreSQL holds: 1 GB less the varlena
@@ -82,6 +92,10 @@ pub enum KeySource<'a> {
     /// build (feature `bench_uncounted`), to measure what counting costs.
     #[cfg(feature = "bench_uncounted")]
     KeyringUncounted(&'a str),
+    /// A keyring without the grant check: only in the benchmark build
+    /// (feature `bench_unchecked`), to measure what the check costs.
+    #[cfg(feature = "bench_unchecked")]
+    KeyringUnchecked(&'a str),
 }
 
 /// A caller's raw AES-256 key: exactly 32 bytes (22023 otherwise).
@@ -123,6 +137,7 @@ pub fn seal_value(
         KeySource::Raw(key) => with_raw_cipher(key, |c| aead::seal(c, 0, nonce, aad, plaintext)),
         KeySource::Keyring(name) => {
             let key = cache::active_key(name)?;
+            grants::require(name, Privilege::Encrypt)?;
             budget::count_encryption(&key.tally, key.key_id, name)?;
             Ok(aead::seal(&key.cipher, key.key_id, nonce, aad, plaintext))
         }
@@ -131,15 +146,38 @@ pub fn seal_value(
             let key = cache::active_key(name)?;
             Ok(aead::seal(&key.cipher, key.key_id, nonce, aad, plaintext))
         }
+        #[cfg(feature = "bench_unchecked")]
+        KeySource::KeyringUnchecked(name) => {
+            let key = cache::active_key(name)?;
+            budget::count_encryption(&key.tally, key.key_id, name)?;
+            Ok(aead::seal(&key.cipher, key.key_id, nonce, aad, plaintext))
+        }
     }
 }
 
 /// Opens a binary envelope. With `None` the key comes from the envelope's
-/// key id; with a raw key the envelope's key id is only authenticated.
+/// key id (and the current user needs `decrypt` on its keyring); with a raw
+/// key the envelope's key id is only authenticated.
 pub fn open_value(
     raw_key: Option<&[u8]>,
     bytes: &[u8],
     aad: &[u8],
+) -> McResult<Zeroizing<Vec<u8>>> {
+    open_checked(raw_key, bytes, aad, true)
+}
+
+/// [`open_value`] of a keyring's value without the grant check: for the
+/// re-encryption engine, whose caller was checked before the switch to the
+/// table's owner, and the benchmark's baseline.
+pub fn open_value_prechecked(bytes: &[u8], aad: &[u8]) -> McResult<Zeroizing<Vec<u8>>> {
+    open_checked(None, bytes, aad, false)
+}
+
+fn open_checked(
+    raw_key: Option<&[u8]>,
+    bytes: &[u8],
+    aad: &[u8],
+    check: bool,
 ) -> McResult<Zeroizing<Vec<u8>>> {
     let env = Envelope::parse(bytes)?;
     match raw_key {
@@ -156,7 +194,10 @@ pub fn open_value(
             }
         }),
         None => {
-            let cipher = cache::key_for_decrypt(env.key_id)?;
+            let (cipher, keyring) = cache::key_for_decrypt(env.key_id)?;
+            if check {
+                grants::require(&keyring, Privilege::Decrypt)?;
+            }
             aead::open(&cipher, &env, aad).map_err(|_| McError::Unauthenticated {
                 detail: format!(
                     "the AES-GCM authentication tag did not verify under key id {}",
@@ -186,15 +227,34 @@ pub fn seal_verified(
             "re-encrypted value did not decrypt back to its plaintext".into(),
         ));
     }
-    Ok(envelope::to_text(&env))
+    let text = envelope::to_text(&env);
+    ENGINE_SEALED.with(|s| *s.borrow_mut() = Some(text.clone()));
+    Ok(text)
 }
 
-/// Decrypts a Fernet token with a Fernet keyring's keys, newest first.
+/// Whether `value` is the ciphertext [`seal_verified`] produced last in this
+/// backend: the re-encryption batch writing it, whose caller was checked
+/// before the switch to the table's owner. The protect trigger, fired by
+/// that write as the owner, then verifies it without a grant check of its
+/// own; a trigger of the owner's cannot use this to read anything (the
+/// value only ever decrypts to what the engine sealed, and verification
+/// returns no plaintext).
+pub fn sealed_by_engine(value: &str) -> bool {
+    ENGINE_SEALED.with(|s| s.borrow().as_deref() == Some(value))
+}
+
+/// Decrypts a Fernet token with a Fernet keyring's keys, newest first; the
+/// current user needs `decrypt` on the keyring.
 pub fn open_token(token: &str, keyring: &str) -> McResult<Zeroizing<Vec<u8>>> {
-    open_parsed_token(&Token::parse(token)?, keyring)
+    let token = Token::parse(token)?;
+    let keys = cache::fernet_keys(keyring)?;
+    grants::require(keyring, Privilege::Decrypt)?;
+    let (_, plaintext) = token.decrypt(keys.iter().map(|(_, k)| k))?;
+    Ok(plaintext)
 }
 
-/// Decrypts an already parsed token with a Fernet keyring's keys.
+/// Decrypts an already parsed token with a Fernet keyring's keys, without
+/// the grant check: for the re-encryption engine (see [`open_value_prechecked`]).
 pub fn open_parsed_token(token: &Token, keyring: &str) -> McResult<Zeroizing<Vec<u8>>> {
     let keys = cache::fernet_keys(keyring)?;
     let (_, plaintext) = token.decrypt(keys.iter().map(|(_, k)| k))?;

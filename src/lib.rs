@@ -38,6 +38,11 @@ extension_sql_file!(
     requires = ["bootstrap", keys::budget::_key_usage]
 );
 extension_sql_file!(
+    "../sql/grants.sql",
+    name = "grants",
+    requires = ["bootstrap", keys::grants::_invalidate_grants_cache]
+);
+extension_sql_file!(
     "../sql/domain.sql",
     name = "encrypted_text_domain",
     requires = [gcm::is_encrypted]
@@ -77,6 +82,7 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: a NUL-terminated prefix; PostgreSQL copies it.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"manna_crypt".as_ptr()) };
     keys::cache::register_callback();
+    keys::grants::register_callbacks();
     // Shared memory exists only when preloaded; without it, root-key
     // operations refuse with a HINT (see keys::rootshared).
     if pg::shmem::install(&[keys::rootshared::PART, keys::counters::PART]) {

@@ -38,7 +38,8 @@ use crate::error::{McError, McResult};
 use crate::pg::security::{self, run_as, Identity};
 
 enum KeyEntry {
-    Usable { cipher: Rc<Cipher> },
+    /// With its keyring's name, for the grant check of a decryption.
+    Usable { cipher: Rc<Cipher>, keyring: Rc<str> },
     Unusable { keyring: String, status: Status },
     Fernet { keyring: String },
     Missing,
@@ -179,11 +180,12 @@ fn unknown_key(key_id: u32) -> McError {
     }
 }
 
-/// The cipher for decrypting a value sealed under `key_id`.
-pub fn key_for_decrypt(key_id: u32) -> McResult<Rc<Cipher>> {
+/// The cipher for decrypting a value sealed under `key_id`, with the name
+/// of its keyring (what a grant check needs; no second lookup).
+pub fn key_for_decrypt(key_id: u32) -> McResult<(Rc<Cipher>, Rc<str>)> {
     check_stale();
     let answer = |e: &KeyEntry| match e {
-        KeyEntry::Usable { cipher } => Ok(cipher.clone()),
+        KeyEntry::Usable { cipher, keyring } => Ok((cipher.clone(), keyring.clone())),
         KeyEntry::Unusable { keyring, status } => Err(unusable_error(key_id, keyring, *status)),
         KeyEntry::Fernet { keyring } => Err(fernet_key_id(key_id, keyring)),
         KeyEntry::Missing => Err(unknown_key(key_id)),
@@ -223,6 +225,7 @@ fn load_key(key_id: u32) -> McResult<KeyEntry> {
     match (row.status, &row.wrapped) {
         (Status::Active | Status::DecryptOnly, Some(w)) => Ok(KeyEntry::Usable {
             cipher: Rc::new(Cipher::new(&unwrap_key(&slot, w)?)),
+            keyring: Rc::from(row.keyring.as_str()),
         }),
         (status, _) => Ok(KeyEntry::Unusable {
             keyring: row.keyring,

@@ -8,9 +8,10 @@ use manna_crypt_core::envelope::{self, Envelope};
 use manna_crypt_core::fernet::{Token, TOKEN_PREFIX};
 use zeroize::Zeroizing;
 
-use crate::crypto::{open_parsed_token, open_value, seal_verified};
+use crate::crypto::{open_parsed_token, open_value_prechecked, seal_verified};
 use crate::error::McResult;
 use crate::keys::cache::{self, ActiveKey};
+use crate::keys::grants::{self, Privilege};
 use crate::keys::store;
 use crate::pg::datum::is_text;
 use crate::pg::security::{run_as, Identity};
@@ -44,6 +45,21 @@ impl Mode {
             Mode::MigrateFernet { source, .. } => Some(source),
             _ => None,
         }
+    }
+
+    /// The caller's keyring privileges, judged before any switch to the
+    /// table's owner (the batches then open and seal without a check of
+    /// their own): decrypt on the source, encrypt on the target.
+    pub fn check_access(&self, role: pgrx::pg_sys::Oid) -> McResult<()> {
+        let decrypt_from = match self {
+            Mode::MigrateFernet { source, .. } => Some(source.as_str()),
+            Mode::Rewrap { keyring } => Some(keyring.as_str()),
+            Mode::Encrypt { .. } => None,
+        };
+        if let Some(source) = decrypt_from {
+            grants::require_for(role, source, Privilege::Decrypt)?;
+        }
+        grants::require_for(role, self.target(), Privilege::Encrypt)
     }
 
     /// Whether every `mc1:` value is already in target form (so a cheap
@@ -165,7 +181,7 @@ fn rewrap(keys: &Keys, value: &str, aad: &[u8]) -> Outcome {
     if key_id == keys.target_id {
         Outcome::Already
     } else if keys.ring_ids.contains(&key_id) {
-        seal(keys, Class::Mc1(key_id), open_value(None, &bytes, aad), aad)
+        seal(keys, Class::Mc1(key_id), open_value_prechecked(&bytes, aad), aad)
     } else {
         Outcome::OtherKeyring
     }

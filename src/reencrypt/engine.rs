@@ -41,7 +41,7 @@ use super::report::{self, Finished, NOTICE_EVERY};
 use super::run::{Counts, RowMode, Run};
 use super::target;
 use crate::error::{not_null, McError, McResult, OrRaise};
-use crate::keys::{cache, usage};
+use crate::keys::{cache, grants, usage};
 use crate::locking::advisory;
 use crate::pg::datum::Regclass;
 use crate::pg::report::notice;
@@ -232,6 +232,7 @@ fn start(
         cache::fernet_keys(source)?;
     }
     Keys::fetch(&mode)?;
+    mode.check_access(grants::current_user())?;
 
     let lock_name = format!("manna_crypt:reencrypt:{}:{col}", oid.to_u32());
     lock_run(&lock_name, &tbl_sql, col)?;
@@ -300,7 +301,11 @@ fn take_run(handle: i64) -> McResult<Run> {
 /// One batch. Returns whether more remains.
 fn step(handle: i64) -> McResult<bool> {
     let mut run = take_run(handle)?;
-    let result = step_run(&mut run);
+    // Every batch is a transaction of its own: a revoke between two is seen.
+    let result = run
+        .mode
+        .check_access(grants::current_user())
+        .and_then(|()| step_run(&mut run));
     RUNS.with(|r| r.borrow_mut().insert(handle, run));
     result
 }
