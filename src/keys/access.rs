@@ -169,22 +169,14 @@ fn args<'a>(
 /// `keyring` (`'*'`: every keyring, present and future) to `grantee` and,
 /// through membership, to the roles that have its privileges.
 #[pg_extern(volatile, parallel_unsafe)]
-fn grant_keyring_access(
-    keyring: Option<&str>,
-    grantee: Option<Regrole>,
-    privilege: Option<&str>,
-) {
+fn grant_keyring_access(keyring: Option<&str>, grantee: Option<Regrole>, privilege: Option<&str>) {
     change(args(keyring, grantee, privilege));
 }
 
 /// Revokes what `grant_keyring_access` granted (exactly that row: a grant
 /// on `'*'` is revoked on `'*'`, a grant to a group from the group).
 #[pg_extern(volatile, parallel_unsafe)]
-fn revoke_keyring_access(
-    keyring: Option<&str>,
-    grantee: Option<Regrole>,
-    privilege: Option<&str>,
-) {
+fn revoke_keyring_access(keyring: Option<&str>, grantee: Option<Regrole>, privilege: Option<&str>) {
     change(Change {
         grant: false,
         ..args(keyring, grantee, privilege)

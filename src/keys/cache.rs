@@ -39,9 +39,17 @@ use crate::pg::security::{self, run_as, Identity};
 
 enum KeyEntry {
     /// With its keyring's name, for the grant check of a decryption.
-    Usable { cipher: Rc<Cipher>, keyring: Rc<str> },
-    Unusable { keyring: String, status: Status },
-    Fernet { keyring: String },
+    Usable {
+        cipher: Rc<Cipher>,
+        keyring: Rc<str>,
+    },
+    Unusable {
+        keyring: String,
+        status: Status,
+    },
+    Fernet {
+        keyring: String,
+    },
     Missing,
 }
 

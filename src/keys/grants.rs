@@ -44,7 +44,11 @@ pub enum Privilege {
 }
 
 impl Privilege {
-    pub const ALL: [Privilege; 3] = [Privilege::Encrypt, Privilege::Decrypt, Privilege::BlindIndex];
+    pub const ALL: [Privilege; 3] = [
+        Privilege::Encrypt,
+        Privilege::Decrypt,
+        Privilege::BlindIndex,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -182,7 +186,11 @@ pub fn require_for(role: pg_sys::Oid, keyring: &str, privilege: Privilege) -> Mc
         clear();
     }
     let bit = privilege.bit();
-    let cached = ROLES.with(|r| r.borrow().get(&role.to_u32()).map(|a| a.allows(keyring, bit)));
+    let cached = ROLES.with(|r| {
+        r.borrow()
+            .get(&role.to_u32())
+            .map(|a| a.allows(keyring, bit))
+    });
     let allowed = match cached {
         Some(allowed) => allowed,
         None => {
@@ -219,7 +227,9 @@ pub fn role_name(role: pg_sys::Oid) -> String {
         if name.is_null() {
             "?".into()
         } else {
-            std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
+            std::ffi::CStr::from_ptr(name)
+                .to_string_lossy()
+                .into_owned()
         }
     }
 }

@@ -181,7 +181,12 @@ fn rewrap(keys: &Keys, value: &str, aad: &[u8]) -> Outcome {
     if key_id == keys.target_id {
         Outcome::Already
     } else if keys.ring_ids.contains(&key_id) {
-        seal(keys, Class::Mc1(key_id), open_value_prechecked(&bytes, aad), aad)
+        seal(
+            keys,
+            Class::Mc1(key_id),
+            open_value_prechecked(&bytes, aad),
+            aad,
+        )
     } else {
         Outcome::OtherKeyring
     }
