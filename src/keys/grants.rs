@@ -210,11 +210,12 @@ pub fn require_for(role: pg_sys::Oid, keyring: &str, privilege: Privilege) -> Mc
 fn refusal(role: pg_sys::Oid, keyring: &str, privilege: Privilege) -> McError {
     let name = role_name(role);
     let p = privilege.as_str();
+    let literal = name.replace('\'', "''");
     McError::PermissionDenied {
         message: format!("role \"{name}\" has no {p} privilege on keyring \"{keyring}\""),
         hint: format!(
             "an administrator can grant it: SELECT manna_crypt.grant_keyring_access('{keyring}', \
-             '{name}', '{p}')"
+             '{literal}', '{p}')"
         ),
     }
 }
