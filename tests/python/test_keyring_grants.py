@@ -94,6 +94,12 @@ def test_decrypt_paths(setup):
         text = " ".join(filter(None, [e.diag.message_primary, e.diag.message_detail,
                                       e.diag.message_hint]))
         assert "v-plaid" not in text and val(PLAID) not in text
+        # In parallel workers too (each loads the grants itself).
+        force = "debug_parallel_query" if s.info.server_version >= 160000 else "force_parallel_mode"
+        s.execute(f"SET {force} = on")
+        assert one(s, "SELECT count(manna_crypt.decrypt_gcm(t)) FROM vals WHERE ring = 'pii'") == 1
+        refused(s, "SELECT count(manna_crypt.decrypt_gcm(t)) FROM vals WHERE ring = 'plaid_tokens'")
+        s.execute(f"RESET {force}")
         # Unknown keyring and unknown key stay 42704 (found before the check).
         assert sqlstate(s, "SELECT manna_crypt.encrypt_gcm('x'::text, 'nope'::text)") == "42704"
 
