@@ -104,13 +104,27 @@ struct Access {
 }
 
 impl Access {
-    fn allows(&self, keyring: &str, bit: u8) -> bool {
-        self.all || self.every & bit != 0 || self.rings.get(keyring).is_some_and(|b| b & bit != 0)
+    fn bits(&self, keyring: &str) -> u8 {
+        if self.all {
+            return u8::MAX;
+        }
+        self.every | self.rings.get(keyring).copied().unwrap_or(0)
     }
+}
+
+/// The last answer: a query uses one keyring for every row, so the hot path
+/// compares a role id and a short name instead of hashing both.
+#[derive(Default)]
+struct Last {
+    valid: bool,
+    role: u32,
+    keyring: String,
+    bits: u8,
 }
 
 thread_local! {
     static ROLES: RefCell<HashMap<u32, Rc<Access>>> = RefCell::new(HashMap::new());
+    static LAST: RefCell<Last> = RefCell::new(Last::default());
 }
 
 /// Set by the callbacks; checked (and cleared) on every lookup.
@@ -182,29 +196,48 @@ pub fn require(keyring: &str, privilege: Privilege) -> McResult<()> {
 
 /// Refuses (42501) unless `role` may use `keyring` for `privilege`.
 pub fn require_for(role: pg_sys::Oid, keyring: &str, privilege: Privilege) -> McResult<()> {
-    if STALE.swap(false, Ordering::Relaxed) {
+    // A plain load first: a swap is a locked instruction on every call.
+    if STALE.load(Ordering::Relaxed) {
+        STALE.store(false, Ordering::Relaxed);
         clear();
     }
-    let bit = privilege.bit();
-    let cached = ROLES.with(|r| {
-        r.borrow()
-            .get(&role.to_u32())
-            .map(|a| a.allows(keyring, bit))
+    let bits = LAST.with(|l| {
+        let l = l.borrow();
+        (l.valid && l.role == role.to_u32() && l.keyring == keyring).then_some(l.bits)
     });
-    let allowed = match cached {
-        Some(allowed) => allowed,
-        None => {
-            let access = Rc::new(load(role)?);
-            let allowed = access.allows(keyring, bit);
-            ROLES.with(|r| r.borrow_mut().insert(role.to_u32(), access));
-            allowed
-        }
+    let bits = match bits {
+        Some(bits) => bits,
+        None => bits_of(role, keyring)?,
     };
-    if allowed {
+    if bits & privilege.bit() != 0 {
         Ok(())
     } else {
         Err(refusal(role, keyring, privilege))
     }
+}
+
+/// The privileges `role` has on `keyring`, from the per-role map (loaded
+/// on a miss), remembered as the last answer.
+fn bits_of(role: pg_sys::Oid, keyring: &str) -> McResult<u8> {
+    let cached = ROLES.with(|r| r.borrow().get(&role.to_u32()).map(|a| a.bits(keyring)));
+    let bits = match cached {
+        Some(bits) => bits,
+        None => {
+            let access = Rc::new(load(role)?);
+            let bits = access.bits(keyring);
+            ROLES.with(|r| r.borrow_mut().insert(role.to_u32(), access));
+            bits
+        }
+    };
+    LAST.with(|l| {
+        let mut l = l.borrow_mut();
+        l.role = role.to_u32();
+        l.keyring.clear();
+        l.keyring.push_str(keyring);
+        l.bits = bits;
+        l.valid = true;
+    });
+    Ok(bits)
 }
 
 fn refusal(role: pg_sys::Oid, keyring: &str, privilege: Privilege) -> McError {
@@ -237,6 +270,7 @@ pub fn role_name(role: pg_sys::Oid) -> String {
 
 /// Drops every cached answer now (the next lookup reloads).
 pub fn clear() {
+    LAST.with(|l| l.borrow_mut().valid = false);
     ROLES.with(|r| r.borrow_mut().clear());
     TABLE_OID.store(0, Ordering::Relaxed);
 }
