@@ -138,7 +138,26 @@ UPDATE demo.customers SET email = email || 'x' WHERE id = 1;
 \set ON_ERROR_STOP 1
 
 \echo
-\echo '=== 10. info(): versions, root key state and fingerprint (never the key), keyrings, nonce budget ==='
+\echo '=== 10. Keyring grants: a support role may decrypt pii, and nothing under plaid_tokens ==='
+\echo 'A fresh install grants no keyring to anyone: administrators grant per keyring and privilege.'
+SET client_min_messages = warning;
+DROP ROLE IF EXISTS demo_support;
+SET client_min_messages = notice;
+CREATE ROLE demo_support IN ROLE manna_crypt_user;
+GRANT USAGE ON SCHEMA demo TO demo_support;
+GRANT SELECT ON demo.customers, demo.plaid_items TO demo_support;
+SELECT grant_keyring_access('pii', 'demo_support', 'decrypt');
+SELECT keyring, privilege, grantee, state FROM keyring_access ORDER BY 1, 2, 3;
+SET ROLE demo_support;
+SELECT id, decrypt_gcm(email, id::text) AS email FROM demo.customers ORDER BY id;
+\echo 'The same role reading a bank token (42501, naming keyring, privilege and role; never the value):'
+\set ON_ERROR_STOP 0
+SELECT decrypt_gcm(access_token, id::text) FROM demo.plaid_items WHERE id = 1;
+\set ON_ERROR_STOP 1
+RESET ROLE;
+
+\echo
+\echo '=== 11. info(): versions, root key state and fingerprint (never the key), keyrings, nonce budget ==='
 SELECT jsonb_pretty(info() - 'keyrings') AS info;
 SELECT key_id, keyring, version, status, encryptions FROM keys ORDER BY key_id;
 SELECT event, keyring, key_id FROM audit_log ORDER BY id;

@@ -22,6 +22,8 @@
 #                     against an UPDATE floor (scripts/bench_blind.sh)
 #           redact  - manna_crypt.redact_log off against on under pgbench
 #                     (scripts/bench_redact.sh)
+#           grants  - keyring encrypt/decrypt by a role judged by keyring grants
+#                     against the same functions without the grant check
 #
 # Builds and installs the release build (scripts/setup.sh), then runs in a
 # throwaway cluster under target/bench (port 55480, or MC_BENCH_PORT) that is
@@ -39,7 +41,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 cd "$MC_ROOT"
 
-SECTIONS=(gcm access protect columns migrate locking rootkey orm blind redact)
+SECTIONS=(gcm access grants protect columns migrate locking rootkey orm blind redact)
 BENCH_DIR=${MC_BENCH_DIR:-$MC_ROOT/target/bench}
 BENCH_PORT=${MC_BENCH_PORT:-55480}
 ROWS=${MC_BENCH_ROWS:-1000000}
@@ -614,6 +616,67 @@ bench_rootkey() {
     rk_source file
 }
 
+# Keyring grants (README "Keyring access"): encrypt_gcm/decrypt_gcm under a
+# keyring as an application role that holds per-keyring grants (not an
+# administrator, whose check is a flag), against the same functions without
+# the check (benchmark build only), in the same run. Both count the
+# encryption; only the grant check differs.
+bench_grants() {
+    log "section grants: preparing $ROWS rows"
+    ensure_tokens
+    bpsql -q -c "SET client_min_messages = warning" -c "
+        SELECT manna_crypt.create_keyring('bench_grants');
+        DO \$\$ BEGIN
+            IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'bench_app') THEN
+                CREATE ROLE bench_app IN ROLE manna_crypt_user;
+            END IF;
+        END \$\$;
+        SELECT manna_crypt.grant_keyring_access('bench_grants', 'bench_app', 'encrypt'),
+               manna_crypt.grant_keyring_access('bench_grants', 'bench_app', 'decrypt');
+        -- Other keyrings and grants, so the role's map is not a single entry.
+        SELECT manna_crypt.create_keyring('bench_other_' || i),
+               manna_crypt.grant_keyring_access('bench_other_' || i, 'bench_app', 'decrypt')
+          FROM generate_series(1, 20) i;
+        CREATE TABLE bench.grants_ring AS
+            SELECT manna_crypt.encrypt_gcm(v, 'bench_grants')::text AS c FROM bench.tokens;
+        GRANT USAGE ON SCHEMA bench TO bench_app;
+        GRANT SELECT ON bench.tokens, bench.grants_ring TO bench_app;
+        GRANT SELECT, UPDATE ON bench.results TO bench_app;
+        GRANT EXECUTE ON FUNCTION manna_crypt._bench_encrypt_gcm_unchecked(text, text),
+                                  manna_crypt._bench_decrypt_gcm_unchecked(text) TO bench_app;" \
+        -c "VACUUM ANALYZE bench.grants_ring" >/dev/null
+
+    record grants "floor: tokens"      "SELECT count(octet_length(v)) FROM bench.tokens"
+    record grants "floor: grants_ring" "SELECT count(octet_length(c)) FROM bench.grants_ring"
+    record grants "encrypt_gcm keyring, checked" \
+        "SELECT count(octet_length(manna_crypt.encrypt_gcm(v, 'bench_grants'))) FROM bench.tokens" "floor: tokens"
+    record grants "encrypt_gcm keyring, unchecked" \
+        "SELECT count(octet_length(manna_crypt._bench_encrypt_gcm_unchecked(v, 'bench_grants'))) FROM bench.tokens" "floor: tokens"
+    record grants "decrypt_gcm keyring, checked" \
+        "SELECT count(octet_length(manna_crypt.decrypt_gcm(c))) FROM bench.grants_ring" "floor: grants_ring"
+    record grants "decrypt_gcm keyring, unchecked" \
+        "SELECT count(octet_length(manna_crypt._bench_decrypt_gcm_unchecked(c))) FROM bench.grants_ring" "floor: grants_ring"
+
+    log "section grants: timing, $RUNS rounds, as bench_app"
+    bpsql -q -c "SET client_min_messages = notice" -c "SET ROLE bench_app" -c "CALL bench.run('grants', $RUNS)"
+
+    # The role really is checked (refused without a grant) and really decrypts.
+    local ok
+    ok=$(bpsql -qAt -c "SET ROLE bench_app" -c "SELECT
+        (SELECT count(*) FROM bench.grants_ring WHERE manna_crypt.decrypt_gcm(c) LIKE 'access-sandbox-%') = $ROWS")
+    [ "$ok" = t ] || die "the benchmarked decryption did not return the plaintexts"
+    if bpsql -qAt -c "SET ROLE bench_app" -c "SELECT manna_crypt.encrypt_gcm('x', 'bench_other_1')" >/dev/null 2>&1; then
+        die "bench_app encrypted without a grant: the check is not in the benchmarked build"
+    fi
+
+    echo
+    echo "== grants: $ROWS rows of 51-character tokens as a role with keyring grants, one core, best of $RUNS rounds (load average: $(cut -d' ' -f1-3 /proc/loadavg)) =="
+    report grants
+    ratios grants \
+        "'encrypt: checked / unchecked', 'encrypt_gcm keyring, checked', 'encrypt_gcm keyring, unchecked', 1.05, 1" \
+        "'decrypt: checked / unchecked', 'decrypt_gcm keyring, checked', 'decrypt_gcm keyring, unchecked', 1.05, 2"
+}
+
 # ---- main ----------------------------------------------------------------------
 
 main() {
@@ -622,10 +685,10 @@ main() {
     for s in "${wanted[@]}"; do
         declare -F "bench_$s" >/dev/null || die "unknown section '$s' (sections: ${SECTIONS[*]})"
     done
-    # The benchmark build: the release build plus the uncounted baseline of
-    # the gcm section and the access section's switch (functions no release
-    # has).
-    MC_CARGO_FEATURES=bench_uncounted "$MC_ROOT/scripts/setup.sh"
+    # The benchmark build: the release build plus the baselines of the gcm
+    # section (uncounted), the access section's switch and the grants
+    # section (unchecked): functions no release has.
+    MC_CARGO_FEATURES="bench_uncounted bench_unchecked" "$MC_ROOT/scripts/setup.sh"
     start_cluster
     for s in "${wanted[@]}"; do
         "bench_$s"

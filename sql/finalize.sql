@@ -197,3 +197,14 @@ GRANT EXECUTE ON FUNCTION
 COMMENT ON FUNCTION manna_crypt._key_access() IS 'internal: this database''s key access counts the caller may see (the key_access view)';
 COMMENT ON FUNCTION manna_crypt.reset_key_access_stats() IS 'forget this database''s key access statistics when the transaction commits; recorded in the audit log';
 COMMENT ON FUNCTION manna_crypt.key_access_stats_status() IS 'the shared key access table: capacity, entries in use (every database), calls dropped for lack of room, retention in days';
+---------------------------------------------------------------------------
+-- Keyring grants (sql/grants.sql, src/keys/access.rs)
+---------------------------------------------------------------------------
+GRANT EXECUTE ON FUNCTION
+    manna_crypt.grant_keyring_access(text, regrole, text),
+    manna_crypt.revoke_keyring_access(text, regrole, text)
+  TO manna_crypt_admin;
+GRANT SELECT ON manna_crypt.keyring_access, manna_crypt.keyring_grants TO manna_crypt_admin;
+COMMENT ON FUNCTION manna_crypt.grant_keyring_access(text, regrole, text) IS 'allow a role (and the roles with its privileges) to encrypt, decrypt or compute blind indexes with a keyring (* = every keyring); administrators only; audited';
+COMMENT ON FUNCTION manna_crypt.revoke_keyring_access(text, regrole, text) IS 'take back a keyring grant; administrators only; audited';
+COMMENT ON FUNCTION manna_crypt._invalidate_grants_cache() IS 'internal: queue a keyring grant cache invalidation for every backend';

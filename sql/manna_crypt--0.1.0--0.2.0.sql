@@ -568,3 +568,119 @@ GRANT EXECUTE ON FUNCTION
 COMMENT ON FUNCTION manna_crypt._key_access() IS 'internal: this database''s key access counts the caller may see (the key_access view)';
 COMMENT ON FUNCTION manna_crypt.reset_key_access_stats() IS 'forget this database''s key access statistics when the transaction commits; recorded in the audit log';
 COMMENT ON FUNCTION manna_crypt.key_access_stats_status() IS 'the shared key access table: capacity, entries in use (every database), calls dropped for lack of room, retention in days';
+-- ---- 0.2.0: keyring grants (issue 13, part 1) -------------------------------
+-- Who may encrypt, decrypt or compute blind indexes with which keyring: the
+-- table, its triggers and view (copies of sql/grants.sql), the functions,
+-- and for what 0.1.0 allowed: manna_crypt_user may use every keyring,
+-- existing and future ('*'), so its members keep working and the next
+-- migration's create_keyring() is usable at once. README "Keyring access"
+-- says how to tighten that afterwards.
+CREATE FUNCTION manna_crypt._invalidate_grants_cache() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', '_invalidate_grants_cache_wrapper';
+CREATE FUNCTION manna_crypt.grant_keyring_access(keyring text, grantee regrole, privilege text)
+RETURNS void VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'grant_keyring_access_wrapper';
+CREATE FUNCTION manna_crypt.revoke_keyring_access(keyring text, grantee regrole, privilege text)
+RETURNS void VOLATILE PARALLEL UNSAFE
+LANGUAGE c AS 'MODULE_PATHNAME', 'revoke_keyring_access_wrapper';
+
+CREATE TABLE manna_crypt.keyring_grants (
+    keyring      text NOT NULL CHECK (keyring = '*' OR keyring ~ '^[a-z][a-z0-9_]{0,62}$'),
+    privilege    text NOT NULL CHECK (privilege IN ('encrypt', 'decrypt', 'blind_index')),
+    grantee_name name NOT NULL,
+    grantee_oid  oid NOT NULL,
+    cluster_id   bigint NOT NULL,
+    granted_by   text NOT NULL DEFAULT current_user,
+    granted_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (keyring, privilege, grantee_oid, cluster_id)
+);
+SELECT pg_catalog.pg_extension_config_dump('manna_crypt.keyring_grants', '');
+
+-- Every change reaches every backend's grant cache by its next transaction.
+CREATE FUNCTION manna_crypt._grants_changed() RETURNS trigger
+    SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql
+AS
+$$
+BEGIN
+    PERFORM manna_crypt._invalidate_grants_cache();
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER invalidate_grants_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON manna_crypt.keyring_grants
+    FOR EACH STATEMENT EXECUTE FUNCTION manna_crypt._grants_changed();
+
+-- A row made on another cluster (a restore) is bound to the local role of
+-- its name when there is one, so that from then on this cluster judges it
+-- by OID. Without such a role it stays as it is and is matched by name.
+CREATE FUNCTION manna_crypt._grants_restored() RETURNS trigger
+    SET search_path = pg_catalog, pg_temp
+    LANGUAGE plpgsql
+AS
+$$
+DECLARE
+    here bigint := (pg_catalog.pg_control_system()).system_identifier;
+    local oid;
+BEGIN
+    IF NEW.cluster_id OPERATOR(pg_catalog.<>) here THEN
+        SELECT r.oid INTO local FROM pg_catalog.pg_roles r
+         WHERE r.rolname OPERATOR(pg_catalog.=) NEW.grantee_name;
+        IF FOUND THEN
+            NEW.grantee_oid := local;
+            NEW.cluster_id := here;
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER bind_restored BEFORE INSERT ON manna_crypt.keyring_grants
+    FOR EACH ROW EXECUTE FUNCTION manna_crypt._grants_restored();
+
+-- The grants as an administrator reads them: the grantee's current name,
+-- and whether the row still grants anything.
+CREATE VIEW manna_crypt.keyring_access AS
+SELECT g.keyring, g.privilege,
+       coalesce(r.rolname, g.grantee_name) AS grantee,
+       CASE WHEN r.oid IS NOT NULL THEN 'granted'
+            WHEN g.cluster_id = (pg_catalog.pg_control_system()).system_identifier
+                THEN 'role dropped'
+            ELSE 'restored, role missing'
+       END AS state,
+       g.granted_by, g.granted_at
+  FROM manna_crypt.keyring_grants g
+  LEFT JOIN pg_catalog.pg_roles r
+    ON CASE WHEN g.cluster_id = (pg_catalog.pg_control_system()).system_identifier
+            THEN r.oid = g.grantee_oid
+            ELSE r.rolname = g.grantee_name END;
+
+COMMENT ON TABLE manna_crypt.keyring_grants IS 'keyring grants: grantee by name and OID with the cluster that made the row; change with grant_keyring_access()/revoke_keyring_access()';
+COMMENT ON FUNCTION manna_crypt._grants_changed() IS 'internal: trigger calling _invalidate_grants_cache()';
+COMMENT ON FUNCTION manna_crypt._grants_restored() IS 'internal: binds a restored grant to the local role of its name';
+COMMENT ON VIEW manna_crypt.keyring_access IS 'who may encrypt, decrypt or compute blind indexes with which keyring (* = every keyring)';
+
+INSERT INTO manna_crypt.keyring_grants (keyring, privilege, grantee_name, grantee_oid, cluster_id, granted_by)
+SELECT '*', p.privilege, r.rolname, r.oid, (pg_catalog.pg_control_system()).system_identifier, 'upgrade to 0.2.0'
+  FROM pg_catalog.pg_roles r,
+       (VALUES ('encrypt'), ('decrypt'), ('blind_index')) AS p(privilege)
+ WHERE r.rolname OPERATOR(pg_catalog.=) 'manna_crypt_user';
+INSERT INTO manna_crypt.audit_log (role_name, event, keyring, detail)
+VALUES (current_user, 'grant_keyring_access', '*',
+        '{"grantee": "manna_crypt_user", "privilege": "all", "by": "upgrade to 0.2.0"}');
+
+REVOKE ALL ON manna_crypt.keyring_grants, manna_crypt.keyring_access FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION
+    manna_crypt._invalidate_grants_cache(),
+    manna_crypt._grants_changed(),
+    manna_crypt._grants_restored(),
+    manna_crypt.grant_keyring_access(text, regrole, text),
+    manna_crypt.revoke_keyring_access(text, regrole, text)
+  FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    manna_crypt.grant_keyring_access(text, regrole, text),
+    manna_crypt.revoke_keyring_access(text, regrole, text)
+  TO manna_crypt_admin;
+GRANT SELECT ON manna_crypt.keyring_access, manna_crypt.keyring_grants TO manna_crypt_admin;
+COMMENT ON FUNCTION manna_crypt.grant_keyring_access(text, regrole, text) IS 'allow a role (and the roles with its privileges) to encrypt, decrypt or compute blind indexes with a keyring (* = every keyring); administrators only; audited';
+COMMENT ON FUNCTION manna_crypt.revoke_keyring_access(text, regrole, text) IS 'take back a keyring grant; administrators only; audited';
+COMMENT ON FUNCTION manna_crypt._invalidate_grants_cache() IS 'internal: queue a keyring grant cache invalidation for every backend';

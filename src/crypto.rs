@@ -3,6 +3,13 @@
 //! cache, Fernet tokens through a Fernet keyring, and blind-index terms
 //! under a keyring's index keys.
 //!
+//! Keyring grants: sealing under a keyring needs `encrypt` on it, opening
+//! a keyring's value or token needs `decrypt` (see `keys::grants`), judged
+//! for the current user after the key itself was found, so an unknown
+//! keyring or key stays 42704. The re-encryption engine checks its caller
+//! before it switches to the table's owner and then uses the `prechecked`
+//! forms here.
+//!
 //! Nonces: each backend (and each parallel worker, a separate process) draws
 //! from its own generator, reseeded whenever the process id changes (see
 //! `manna_crypt_core::nonce`), so forked processes never share a stream.
@@ -10,7 +17,7 @@
 use std::cell::RefCell;
 
 use manna_crypt_core::aead::{self, Cipher};
-use manna_crypt_core::blind::{self, Normalize};
+use manna_crypt_core::blind::{self, BlindKey, Normalize};
 use manna_crypt_core::envelope::{self, Envelope};
 use manna_crypt_core::fernet::Token;
 use manna_crypt_core::nonce::{NonceSource, NONCE_LEN};
@@ -21,6 +28,7 @@ use crate::error::{McError, McResult};
 use crate::keys::access_stats::AccessOp;
 use crate::keys::budget;
 use crate::keys::cache::{self, ActiveKey};
+use crate::keys::grants::{self, Privilege};
 use crate::pg::xact::backend_pid;
 
 thread_local! {
@@ -28,6 +36,10 @@ thread_local! {
     /// The last raw key used, with its expanded schedule: a query that passes
     /// the same key for a million rows expands it once.
     static RAW_KEY: RefCell<Option<(Key32, Cipher)>> = const { RefCell::new(None) };
+    /// The ciphertext [`seal_verified`] produced last (see [`sealed_by_engine`]).
+    static ENGINE_SEALED: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// The term [`engine_term`] computed last (see [`term_by_engine`]).
+    static ENGINE_TERM: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
 }
 
 /// The largest text or bytea value PostgreSQL holds: 1 GB less the varlena
@@ -85,6 +97,10 @@ pub enum KeySource<'a> {
     /// build (feature `bench_uncounted`), to measure what counting costs.
     #[cfg(feature = "bench_uncounted")]
     KeyringUncounted(&'a str),
+    /// A keyring without the grant check: only in the benchmark build
+    /// (feature `bench_unchecked`), to measure what the check costs.
+    #[cfg(feature = "bench_unchecked")]
+    KeyringUnchecked(&'a str),
 }
 
 /// A caller's raw AES-256 key: exactly 32 bytes (22023 otherwise).
@@ -126,6 +142,7 @@ pub fn seal_value(
         KeySource::Raw(key) => with_raw_cipher(key, |c| aead::seal(c, 0, nonce, aad, plaintext)),
         KeySource::Keyring(name) => {
             let key = cache::active_key(name)?;
+            grants::require(name, Privilege::Encrypt)?;
             budget::count_encryption(&key.tally, key.key_id, name)?;
             key.access.record(AccessOp::Encrypt, key.key_id);
             Ok(aead::seal(&key.cipher, key.key_id, nonce, aad, plaintext))
@@ -136,15 +153,39 @@ pub fn seal_value(
             key.access.record(AccessOp::Encrypt, key.key_id);
             Ok(aead::seal(&key.cipher, key.key_id, nonce, aad, plaintext))
         }
+        #[cfg(feature = "bench_unchecked")]
+        KeySource::KeyringUnchecked(name) => {
+            let key = cache::active_key(name)?;
+            budget::count_encryption(&key.tally, key.key_id, name)?;
+            key.access.record(AccessOp::Encrypt, key.key_id);
+            Ok(aead::seal(&key.cipher, key.key_id, nonce, aad, plaintext))
+        }
     }
 }
 
 /// Opens a binary envelope. With `None` the key comes from the envelope's
-/// key id; with a raw key the envelope's key id is only authenticated.
+/// key id (and the current user needs `decrypt` on its keyring); with a raw
+/// key the envelope's key id is only authenticated.
 pub fn open_value(
     raw_key: Option<&[u8]>,
     bytes: &[u8],
     aad: &[u8],
+) -> McResult<Zeroizing<Vec<u8>>> {
+    open_checked(raw_key, bytes, aad, true)
+}
+
+/// [`open_value`] of a keyring's value without the grant check: for the
+/// re-encryption engine, whose caller was checked before the switch to the
+/// table's owner, and the benchmark's baseline.
+pub fn open_value_prechecked(bytes: &[u8], aad: &[u8]) -> McResult<Zeroizing<Vec<u8>>> {
+    open_checked(None, bytes, aad, false)
+}
+
+fn open_checked(
+    raw_key: Option<&[u8]>,
+    bytes: &[u8],
+    aad: &[u8],
+    check: bool,
 ) -> McResult<Zeroizing<Vec<u8>>> {
     let env = Envelope::parse(bytes)?;
     match raw_key {
@@ -161,9 +202,12 @@ pub fn open_value(
             }
         }),
         None => {
-            // Counted once the key is found, whether or not the value
-            // then authenticates: an attempt is an access too.
             let key = cache::key_for_decrypt(env.key_id)?;
+            if check {
+                grants::require(&key.keyring, Privilege::Decrypt)?;
+            }
+            // Counted once the key is found and may be used, whether or not
+            // the value then authenticates: an attempt is an access too.
             key.access.record(AccessOp::Decrypt, env.key_id);
             aead::open(&key.cipher, &env, aad).map_err(|_| McError::Unauthenticated {
                 detail: format!(
@@ -195,15 +239,51 @@ pub fn seal_verified(
             "re-encrypted value did not decrypt back to its plaintext".into(),
         ));
     }
-    Ok(envelope::to_text(&env))
+    let text = envelope::to_text(&env);
+    ENGINE_SEALED.with(|s| *s.borrow_mut() = Some(text.clone()));
+    Ok(text)
 }
 
-/// Decrypts a Fernet token with a Fernet keyring's keys, newest first.
+/// Whether `value` is the ciphertext [`seal_verified`] produced last in this
+/// backend: the re-encryption batch writing it, whose caller was checked
+/// before the switch to the table's owner. The protect trigger, fired by
+/// that write as the owner, then verifies it without a grant check of its
+/// own; a trigger of the owner's cannot use this to read anything (the
+/// value only ever decrypts to what the engine sealed, and verification
+/// returns no plaintext).
+pub fn sealed_by_engine(value: &str) -> bool {
+    ENGINE_SEALED.with(|s| s.borrow().as_deref() == Some(value))
+}
+
+/// A backfill batch's term for the row it is updating, computed under the
+/// active index key and remembered (see [`term_by_engine`]).
+pub fn engine_term(key: &BlindKey, shape: TermShape, value: &str) -> Vec<u8> {
+    let term = key.term(shape.normalize, value, shape.mac_len);
+    ENGINE_TERM.with(|t| *t.borrow_mut() = Some(term.clone()));
+    term
+}
+
+/// Whether `term` is the term [`engine_term`] computed last in this backend:
+/// the backfill batch writing it into the row whose ciphertext it was
+/// computed from. The protect trigger, fired by that write as the table's
+/// owner, keeps it without recomputing it (the batch's caller was checked
+/// for `decrypt` and `blind_index` before the switch to the owner).
+pub fn term_by_engine(term: &[u8]) -> bool {
+    ENGINE_TERM.with(|t| t.borrow().as_deref() == Some(term))
+}
+
+/// Decrypts a Fernet token with a Fernet keyring's keys, newest first; the
+/// current user needs `decrypt` on the keyring.
 pub fn open_token(token: &str, keyring: &str) -> McResult<Zeroizing<Vec<u8>>> {
-    open_parsed_token(&Token::parse(token)?, keyring)
+    let token = Token::parse(token)?;
+    // The keyring first: an unknown one is 42704 before any grant check.
+    cache::fernet_ring(keyring)?;
+    grants::require(keyring, Privilege::Decrypt)?;
+    open_parsed_token(&token, keyring)
 }
 
-/// Decrypts an already parsed token with a Fernet keyring's keys.
+/// Decrypts an already parsed token with a Fernet keyring's keys, without
+/// the grant check: for the re-encryption engine (see [`open_value_prechecked`]).
 pub fn open_parsed_token(token: &Token, keyring: &str) -> McResult<Zeroizing<Vec<u8>>> {
     let (keys, access) = cache::fernet_ring(keyring)?;
     let result = token.decrypt(keys.iter().map(|(_, k)| k));
@@ -240,8 +320,28 @@ impl TermShape {
 }
 
 /// The blind-index term of `value` under the keyring's active index key.
+/// The current user needs `blind_index` on the keyring.
 pub fn index_term(keyring: &str, shape: TermShape, value: &str) -> McResult<Vec<u8>> {
+    index_term_checked(keyring, shape, value, true)
+}
+
+/// [`index_term`] without the grant check: for the protect trigger writing
+/// a value a re-encryption batch sealed (its caller was checked, see
+/// [`sealed_by_engine`]).
+pub fn index_term_prechecked(keyring: &str, shape: TermShape, value: &str) -> McResult<Vec<u8>> {
+    index_term_checked(keyring, shape, value, false)
+}
+
+fn index_term_checked(
+    keyring: &str,
+    shape: TermShape,
+    value: &str,
+    check: bool,
+) -> McResult<Vec<u8>> {
     let ring = cache::index_ring(keyring)?;
+    if check {
+        grants::require(keyring, Privilege::BlindIndex)?;
+    }
     match ring.live.first() {
         Some(key) if ring.has_active => {
             ring.access.record(AccessOp::BlindIndex, key.key_id());
@@ -262,6 +362,7 @@ pub fn index_term(keyring: &str, shape: TermShape, value: &str) -> McResult<Vec<
 /// backfill is under way.
 pub fn index_terms_all(keyring: &str, shape: TermShape, value: &str) -> McResult<Vec<Vec<u8>>> {
     let ring = cache::index_ring(keyring)?;
+    grants::require(keyring, Privilege::BlindIndex)?;
     if let Some(key) = ring.live.first() {
         ring.access.record(AccessOp::BlindIndex, key.key_id());
     }

@@ -80,6 +80,29 @@ fn _bench_encrypt_gcm_uncounted(
     Some(EncryptedText(envelope::to_text(&env.or_raise())))
 }
 
+/// The benchmark's baseline (scripts/bench.sh grants): `encrypt_gcm(text,
+/// keyring)` and `decrypt_gcm(text)` without the keyring grant check. Only
+/// in a build with the `bench_unchecked` feature, never in a release.
+#[cfg(feature = "bench_unchecked")]
+#[pg_extern(volatile, parallel_safe, requires = ["encrypted_text_domain"])]
+fn _bench_encrypt_gcm_unchecked(
+    plaintext: Option<&str>,
+    keyring: Option<&str>,
+) -> Option<EncryptedText> {
+    let keyring = not_null(keyring, "keyring");
+    let source = KeySource::KeyringUnchecked(keyring);
+    let env = seal_value(source, Form::Text, plaintext?.as_bytes(), b"");
+    Some(EncryptedText(envelope::to_text(&env.or_raise())))
+}
+
+#[cfg(feature = "bench_unchecked")]
+#[pg_extern(stable, parallel_safe)]
+fn _bench_decrypt_gcm_unchecked(ciphertext: Option<&str>) -> Option<SecretText> {
+    let bytes = envelope::from_text(ciphertext?).or_raise();
+    let plaintext = crate::crypto::open_value_prechecked(&bytes, b"").or_raise();
+    Some(to_text(plaintext).or_raise())
+}
+
 #[pg_extern(name = "decrypt_gcm", immutable, parallel_safe)]
 fn decrypt_gcm_raw(
     ciphertext: Option<&str>,

@@ -41,6 +41,11 @@ extension_sql_file!(
     requires = ["bootstrap", keys::budget::_key_usage]
 );
 extension_sql_file!(
+    "../sql/grants.sql",
+    name = "grants",
+    requires = ["bootstrap", keys::grants::_invalidate_grants_cache]
+);
+extension_sql_file!(
     "../sql/domain.sql",
     name = "encrypted_text_domain",
     requires = [gcm::is_encrypted]
@@ -88,6 +93,7 @@ pub extern "C-unwind" fn _PG_init() {
     // SAFETY: a NUL-terminated prefix; PostgreSQL copies it.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"manna_crypt".as_ptr()) };
     keys::cache::register_callback();
+    keys::grants::register_callbacks();
     // Log redaction: installed in the postmaster, so inherited by every
     // backend, parallel worker and the postmaster's own crash report.
     redact::install();

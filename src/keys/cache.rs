@@ -63,6 +63,8 @@ pub struct ActiveKey {
 pub struct DecryptKey {
     pub cipher: Rc<Cipher>,
     pub access: Rc<Access>,
+    /// The keyring's name, for the grant check of a decryption.
+    pub keyring: Rc<str>,
 }
 
 /// A Fernet keyring's usable keys, newest first, with its statistics cell.
@@ -211,7 +213,9 @@ fn unknown_key(key_id: u32) -> McError {
     }
 }
 
-/// The cipher for decrypting a value sealed under `key_id`.
+/// The cipher for decrypting a value sealed under `key_id`, with its
+/// keyring's name (what a grant check needs) and statistics cell: no second
+/// lookup.
 pub fn key_for_decrypt(key_id: u32) -> McResult<DecryptKey> {
     check_stale();
     let answer = |e: &KeyEntry| match e {
@@ -269,6 +273,7 @@ fn load_key(key_id: u32) -> McResult<KeyEntry> {
         (Status::Active | Status::DecryptOnly, Some(w)) => Ok(KeyEntry::Usable(DecryptKey {
             cipher: Rc::new(Cipher::new(&unwrap_key(&slot, w)?)),
             access: access_stats::cell(row.keyring_id, &row.keyring),
+            keyring: Rc::from(row.keyring.as_str()),
         })),
         (status, _) => Ok(KeyEntry::Unusable {
             keyring: row.keyring,

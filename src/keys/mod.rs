@@ -25,6 +25,7 @@
 //!   cached keys, handed over at transaction end;
 //! - [`cache`]: unwrapped data keys per backend, invalidated by relcache
 //!   messages so a revocation is seen by every session at its next transaction;
+//! - [`grants`]: who may use which keyring, cached per backend and role;
 //! - [`usage`]: registered columns and how many values a key still protects;
 //! - [`wrapping`]: wrapping new data keys, and `rewrap_keys()`;
 //! - [`lifecycle`]: create, rotate, revoke, reinstate, destroy, import;
@@ -32,10 +33,12 @@
 //! - [`secret_file`]: reading a secret from a strictly owned server file;
 //! - [`import`]: Fernet keys imported from a server file (no SQL text);
 //! - [`info`]: the `info()` overview;
-//! - [`access_sql`]: the `key_access` view's function, the reset, the status.
+//! - [`access_sql`]: the `key_access` view's function, the reset, the status;
+//! - [`access`]: `grant_keyring_access()` and `revoke_keyring_access()`.
 //!
 //! Nothing here knows about re-encryption or locking, which sit above.
 
+pub mod access;
 pub mod access_file;
 pub mod access_sql;
 pub mod access_stats;
@@ -44,6 +47,7 @@ pub mod budget;
 pub mod cache;
 pub mod counters;
 pub mod countfile;
+pub mod grants;
 pub mod import;
 pub mod indexkeys;
 pub mod info;

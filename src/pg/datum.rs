@@ -112,3 +112,40 @@ unsafe impl<'fcx> ArgAbi<'fcx> for Regclass {
         unsafe { arg.unbox_arg_using_from_datum() }.unwrap_or(Regclass(pg_sys::InvalidOid))
     }
 }
+
+/// A `regrole` argument as a plain OID, like [`Regclass`]: the input
+/// function has already refused a name of no role (42704).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Regrole(pub pg_sys::Oid);
+
+impl_sql_translatable!(Regrole, "regrole");
+
+impl FromDatum for Regrole {
+    unsafe fn from_polymorphic_datum(
+        datum: pg_sys::Datum,
+        is_null: bool,
+        _typoid: pg_sys::Oid,
+    ) -> Option<Self> {
+        // SAFETY: a regrole datum is an OID passed by value.
+        (!is_null)
+            .then(|| Regrole(unsafe { pg_sys::Oid::from_datum(datum, false) }.unwrap_or_default()))
+    }
+}
+
+impl IntoDatum for Regrole {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(pg_sys::Datum::from(self.0))
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::REGROLEOID
+    }
+}
+
+// SAFETY: unboxes through `FromDatum` above, as for `Regclass`.
+unsafe impl<'fcx> ArgAbi<'fcx> for Regrole {
+    unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+        // SAFETY: the caller guarantees a non-null regrole argument.
+        unsafe { arg.unbox_arg_using_from_datum() }.unwrap_or(Regrole(pg_sys::InvalidOid))
+    }
+}

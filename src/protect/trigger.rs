@@ -198,19 +198,26 @@ fn column(row: &Row<'_, '_>, spec: &Spec<'_>, out: &mut Changes) -> McResult<()>
     }
     let new_term = row.bytes(row.new, index_attnum);
     let needed = match (&plaintext, row.old) {
-        (Plain::Unchanged, Some(old)) => new_term != row.bytes(old, index_attnum),
+        // A backfill batch's own term for this row is kept as it is.
+        (Plain::Unchanged, Some(old)) => {
+            new_term != row.bytes(old, index_attnum)
+                && !new_term.is_some_and(crypto::term_by_engine)
+        }
         _ => true,
     };
     if !needed {
         return Ok(());
     }
+    // A value a re-encryption batch sealed is indexed for the batch's
+    // caller, who was checked before the switch to the table's owner.
+    let stored = row.text(row.new, attnum).unwrap_or_default();
+    let by_engine = crypto::sealed_by_engine(stored);
     let term = match plaintext {
         Plain::Null => None,
-        Plain::Known(p) => Some(term_of(&p, spec)?),
+        Plain::Known(p) => Some(term_of(&p, spec, by_engine)?),
         Plain::Unchanged | Plain::Stored => {
-            let stored = row.text(row.new, attnum).unwrap_or_default();
             let aad = row.aad(row.new, spec)?;
-            Some(term_of(&open(stored, &aad, spec, row)?, spec)?)
+            Some(term_of(&open(stored, &aad, spec, row)?, spec, by_engine)?)
         }
     };
     if term.as_deref() != new_term {
@@ -231,10 +238,16 @@ enum Plain {
     Known(Zeroizing<Vec<u8>>),
 }
 
-fn term_of(plaintext: &[u8], spec: &Spec<'_>) -> McResult<Vec<u8>> {
+/// The term of a plaintext; the writer needs `blind_index` on the keyring
+/// unless a re-encryption batch wrote the value (`by_engine`).
+fn term_of(plaintext: &[u8], spec: &Spec<'_>, by_engine: bool) -> McResult<Vec<u8>> {
     let (_, shape) = spec.index.expect("only called for an indexed column");
     let text = std::str::from_utf8(plaintext).map_err(|_| McError::NotUtf8)?;
-    crypto::index_term(spec.keyring, shape, text)
+    if by_engine {
+        crypto::index_term_prechecked(spec.keyring, shape, text)
+    } else {
+        crypto::index_term(spec.keyring, shape, text)
+    }
 }
 
 /// The protected column itself: the value to store instead goes into `out`;
@@ -362,7 +375,15 @@ fn open(
         detail: "not a well-formed ciphertext".into(),
     })?;
     let aad_bytes = aad.as_deref().unwrap_or("").as_bytes();
-    crypto::open_value(None, &bytes, aad_bytes).map_err(|e| match e {
+    // The writer needs `decrypt` on the value's keyring (checked in
+    // open_value), except for the value a re-encryption batch is writing:
+    // its caller was checked before the batch switched to the owner.
+    let opened = if crypto::sealed_by_engine(value) {
+        crypto::open_value_prechecked(&bytes, aad_bytes)
+    } else {
+        crypto::open_value(None, &bytes, aad_bytes)
+    };
+    opened.map_err(|e| match e {
         McError::Unauthenticated { .. } => McError::Unauthenticated {
             detail: format!(
                 "the ciphertext written to protected column \"{}\" of table \"{}\" does not \

@@ -12,10 +12,13 @@ use std::rc::Rc;
 
 use manna_crypt_core::blind;
 
-use crate::crypto::{index_term, open_parsed_token, open_value, seal_verified, TermShape};
+use crate::crypto::{
+    engine_term, index_term, open_parsed_token, open_value_prechecked, seal_verified, TermShape,
+};
 use crate::error::{McError, McResult};
 use crate::keys::access_stats::AccessOp;
 use crate::keys::cache::{self, ActiveKey, IndexRing};
+use crate::keys::grants::{self, Privilege};
 use crate::keys::store;
 use crate::pg::datum::is_text;
 use crate::pg::security::{run_as, Identity};
@@ -66,6 +69,26 @@ impl Mode {
             Mode::MigrateFernet { source, .. } => Some(source),
             _ => None,
         }
+    }
+
+    /// The caller's keyring privileges, judged before any switch to the
+    /// table's owner (the batches then open and seal without a check of
+    /// their own): decrypt on the source, encrypt on the target; a
+    /// backfill decrypts and computes terms.
+    pub fn check_access(&self, role: pgrx::pg_sys::Oid) -> McResult<()> {
+        let decrypt_from = match self {
+            Mode::MigrateFernet { source, .. } => Some(source.as_str()),
+            Mode::Rewrap { keyring } => Some(keyring.as_str()),
+            Mode::Encrypt { .. } => None,
+            Mode::BlindIndex { keyring, .. } => {
+                grants::require_for(role, keyring, Privilege::Decrypt)?;
+                return grants::require_for(role, keyring, Privilege::BlindIndex);
+            }
+        };
+        if let Some(source) = decrypt_from {
+            grants::require_for(role, source, Privilege::Decrypt)?;
+        }
+        grants::require_for(role, self.target(), Privilege::Encrypt)
     }
 
     /// Whether every `mc1:` value is already in target form (so a cheap
@@ -224,7 +247,12 @@ fn rewrap(keys: &Keys, value: &str, aad: &[u8]) -> Outcome {
     if key_id == keys.target_id {
         Outcome::Already
     } else if keys.ring_ids.contains(&key_id) {
-        seal(keys, Class::Mc1(key_id), open_value(None, &bytes, aad), aad)
+        seal(
+            keys,
+            Class::Mc1(key_id),
+            open_value_prechecked(&bytes, aad),
+            aad,
+        )
     } else {
         Outcome::OtherKeyring
     }
@@ -256,7 +284,7 @@ fn index(
         return fail(Class::Malformed, MALFORMED);
     };
     let class = Envelope::parse(&bytes).map_or(Class::Malformed, |e| Class::Mc1(e.key_id));
-    let plaintext = match open_value(None, &bytes, aad) {
+    let plaintext = match open_value_prechecked(&bytes, aad) {
         Ok(p) => p,
         Err(e) => return Outcome::Fail(class, e.message()),
     };
@@ -267,5 +295,5 @@ fn index(
         return fail(class, "internal: no index key for this run");
     };
     ring.access.record(AccessOp::BlindIndex, key.key_id());
-    Outcome::Convert(hex::encode(key.term(shape.normalize, text, shape.mac_len)))
+    Outcome::Convert(hex::encode(engine_term(key, shape, text)))
 }

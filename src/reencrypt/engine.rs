@@ -36,12 +36,13 @@ use pgrx::prelude::*;
 
 use super::batch::{self, run_batch, BatchResult};
 use super::convert::{Keys, Mode};
+use super::index_mode;
 use super::progress::{self, Request};
 use super::report::{self, Finished, NOTICE_EVERY};
 use super::run::{Counts, RowMode, Run};
 use super::target;
 use crate::error::{not_null, McError, McResult, OrRaise};
-use crate::keys::{cache, usage};
+use crate::keys::{cache, grants, usage};
 use crate::locking::advisory;
 use crate::pg::datum::Regclass;
 use crate::pg::report::notice;
@@ -232,6 +233,11 @@ fn start(
         cache::fernet_keys(source)?;
     }
     Keys::fetch(&mode)?;
+    mode.check_access(grants::current_user())?;
+    // Its batches' writes are indexed by the protect trigger for the caller.
+    if let Some((keyring, _)) = index_mode::indexed_by(oid, col)? {
+        grants::require(&keyring, grants::Privilege::BlindIndex)?;
+    }
 
     let lock_name = format!("manna_crypt:reencrypt:{}:{col}", oid.to_u32());
     lock_run(&lock_name, &tbl_sql, col)?;
@@ -300,7 +306,11 @@ fn take_run(handle: i64) -> McResult<Run> {
 /// One batch. Returns whether more remains.
 fn step(handle: i64) -> McResult<bool> {
     let mut run = take_run(handle)?;
-    let result = step_run(&mut run);
+    // Every batch is a transaction of its own: a revoke between two is seen.
+    let result = run
+        .mode
+        .check_access(grants::current_user())
+        .and_then(|()| step_run(&mut run));
     RUNS.with(|r| r.borrow_mut().insert(handle, run));
     result
 }
@@ -436,23 +446,6 @@ fn finish(handle: i64) -> McResult<()> {
     Ok(())
 }
 
-/// A backfill works from the column's protection: its keyring, AAD column
-/// and blind-index column with its normalization and bits.
-fn blind_index_mode(oid: pg_sys::Oid, col: &str) -> McResult<Mode> {
-    let not_indexed = || {
-        McError::bad_arg(format!(
-            "column \"{col}\" is not a protected column with a blind index"
-        ))
-    };
-    let protection = crate::protect::config::protection(oid, col)?.ok_or_else(not_indexed)?;
-    let (index_col, normalize, bits) = protection.index.ok_or_else(not_indexed)?;
-    Ok(Mode::BlindIndex {
-        keyring: protection.keyring,
-        index_sql: pgrx::spi::quote_identifier(&index_col),
-        shape: crate::crypto::TermShape::parse(&normalize, bits)?,
-    })
-}
-
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
 fn _reencrypt_start(
@@ -472,7 +465,7 @@ fn _reencrypt_start(
     let dry_run = not_null(dry_run, "dry_run");
     let mode = not_null(mode, "mode");
     if mode == "backfill_blind_index" {
-        let mode = blind_index_mode(tbl.0, col).or_raise();
+        let mode = index_mode::blind_index_mode(tbl.0, col).or_raise();
         return start(mode, tbl.0, col, batch_size, None, dry_run).or_raise();
     }
     let target_keyring = not_null(target_keyring, "keyring");

@@ -4,6 +4,8 @@
 //!
 //! - [`classify`]: `value_class()`, the SQL face of the core's classifier;
 //! - [`convert`]: a run's mode and keys, and the decision for one value;
+//! - [`index_mode`]: the blind-index backfill's mode, from the column's
+//!   protection;
 //! - [`target`]: which table and column may be re-encrypted, and their size;
 //! - [`run`]: the state of a run between the procedure's calls;
 //! - [`batch`]: one batch, a single UPDATE over a range of heap blocks;
@@ -16,6 +18,7 @@ pub mod batch;
 pub mod classify;
 pub mod convert;
 pub mod engine;
+pub mod index_mode;
 pub mod progress;
 pub mod report;
 pub mod run;

@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from conftest import connect, sqlstate
+from conftest import connect, new_role, sqlstate
 from mc_cluster import Cluster, new_root_key, unwrap_data_key, wrapped_keys
 
 pytestmark = pytest.mark.all_versions
@@ -402,3 +402,88 @@ def test_blind_index_calls_are_counted_per_role(users, fresh_db):
     # (a custom plan folds a STABLE call with its parameter).
     assert 5 + 7 <= got.get("blind_index", 0) <= 5 + 2 * 7, got
     assert got.get("encrypt") == 5 and "decrypt" not in got, got
+
+
+def test_blind_index_needs_its_keyring_privilege(users, fresh_db):
+    """README "Keyring access": computing a term needs `blind_index` on the
+    keyring — in a lookup, in a write the trigger indexes, in a backfill
+    (checked for the caller, before the switch to the table's owner) and in
+    a re-encryption of an indexed column."""
+    c = users
+    c.execute("SELECT manna_crypt.create_keyring('other')")
+    c.execute("SELECT manna_crypt.rotate_index_key('other')")
+    fill(c, 3)
+    owner = new_role(c)
+    c.execute(f'ALTER TABLE users OWNER TO "{owner}"')
+    reader, writer, admin = new_role(c), new_role(c), new_role(c)
+    for r in (reader, writer):
+        c.execute(f'GRANT manna_crypt_user TO "{r}"')
+        c.execute(f'GRANT SELECT, INSERT, UPDATE ON users TO "{r}"')
+    c.execute(f'GRANT manna_crypt_user TO "{admin}"')
+    c.execute(f'GRANT SELECT, UPDATE ON users TO "{admin}"')
+    grant = "SELECT manna_crypt.grant_keyring_access(%s, %s, %s)"
+    c.execute(grant, ("pii", reader, "decrypt"))
+    c.execute(grant, ("pii", writer, "encrypt"))
+    lookup_sql = "SELECT manna_crypt.blind_index_all('user1@example.com', 'pii', 'email')"
+    with connect(fresh_db, user=reader) as r:
+        e = sqlstate(r, lookup_sql)
+        assert e == "42501"
+        assert sqlstate(r, "SELECT manna_crypt.blind_index('x', 'pii')") == "42501"
+        # An unknown keyring stays unknown; the value is never in the message.
+        assert sqlstate(r, "SELECT manna_crypt.blind_index('x', 'nope')") == "42704"
+        with pytest.raises(psycopg.Error) as err:
+            r.execute("SELECT manna_crypt.blind_index('secret-value-77', 'pii')")
+        assert "secret-value-77" not in str(err.value) and "blind_index" in str(err.value)
+    c.execute(grant, ("pii", reader, "blind_index"))
+    with connect(fresh_db, user=reader) as r:
+        assert r.execute("SELECT id FROM users WHERE email_bidx = ANY("
+                         "manna_crypt.blind_index_all('user1@example.com', 'pii', 'email'))").fetchall() == [(1,)]
+        assert sqlstate(r, "SELECT manna_crypt.blind_index('x', 'other')") == "42501"
+    # A write to the indexed column: encrypt alone is not enough.
+    with connect(fresh_db, user=writer) as w:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+            w.execute("INSERT INTO users (id, email) VALUES (50, 'w@x.io')")
+        assert "no blind_index privilege on keyring" in str(err.value)
+    c.execute(grant, ("pii", writer, "blind_index"))
+    with connect(fresh_db, user=writer) as w:
+        w.execute("INSERT INTO users (id, email) VALUES (50, 'w@x.io')")
+    assert lookup(c, "w@x.io") == [50]
+    # The backfill, by a role that may run it (EXECUTE granted) on a table it
+    # does not own: the caller needs decrypt and blind_index; the owner none.
+    for r in ("_reencrypt_run", "backfill_blind_index"):
+        c.execute(f'GRANT EXECUTE ON PROCEDURE manna_crypt.{r} TO "{admin}"')
+    for f in ("_reencrypt_start", "_reencrypt_step", "_reencrypt_finish", "_reencrypt_result"):
+        c.execute(f'GRANT EXECUTE ON FUNCTION manna_crypt.{f} TO "{admin}"')
+    c.execute("SELECT manna_crypt.rotate_index_key('pii')")
+    backfill = "CALL manna_crypt.backfill_blind_index('users', 'email')"
+    with connect(fresh_db, user=admin) as a:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+            a.execute(backfill)
+        assert "no decrypt privilege on keyring" in str(err.value)
+    c.execute(grant, ("pii", admin, "decrypt"))
+    with connect(fresh_db, user=admin) as a:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+            a.execute(backfill)
+        assert "no blind_index privilege on keyring" in str(err.value)
+    c.execute(grant, ("pii", admin, "blind_index"))
+    with connect(fresh_db, user=admin) as a:
+        a.execute(backfill)
+    new = one(c, "SELECT key_id FROM manna_crypt.keys WHERE keyring = 'pii' AND purpose = 'index' "
+                 "AND status = 'active'")
+    assert old_terms(c, new) == one(c, "SELECT count(*) FROM users")
+    # A re-encryption of the indexed column: its writes are indexed for the
+    # caller too.
+    c.execute(f'GRANT EXECUTE ON PROCEDURE manna_crypt.rewrap_column('
+              f'regclass, name, text, integer, name, boolean, bigint, boolean) TO "{admin}"')
+    c.execute(grant, ("pii", admin, "encrypt"))
+    c.execute("SELECT manna_crypt.revoke_keyring_access('pii', %s, 'blind_index')", (admin,))
+    c.execute("SELECT manna_crypt.rotate_keyring('pii')")
+    rewrap = "CALL manna_crypt.rewrap_column('users', 'email', 'pii')"
+    with connect(fresh_db, user=admin) as a:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as err:
+            a.execute(rewrap)
+        assert "no blind_index privilege on keyring" in str(err.value)
+    c.execute(grant, ("pii", admin, "blind_index"))
+    with connect(fresh_db, user=admin) as a:
+        a.execute(rewrap)
+    assert lookup(c, "user2@example.com") == [2]

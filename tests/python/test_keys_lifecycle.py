@@ -524,6 +524,7 @@ def roles(fresh_db):
 def test_privileges(fresh_db, roles):
     with connect(fresh_db) as su:
         k1 = one(su, "SELECT manna_crypt.create_keyring('app_ring')")
+        su.execute("SELECT manna_crypt.grant_keyring_access('app_ring', %s, 'all')", (roles["app"],))
         su.execute("CREATE TABLE public.notes (id serial, body manna_crypt.encrypted_text)")
         su.execute("GRANT SELECT, INSERT ON public.notes TO PUBLIC")
         su.execute("GRANT USAGE ON SEQUENCE public.notes_id_seq TO PUBLIC")

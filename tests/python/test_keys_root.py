@@ -235,6 +235,7 @@ def test_placeholder_set_before_load_is_discarded(rk, db):
     set_root(rk, manna_crypt__root_key_file=str(rk.file_a))
     with rk.connect(db) as su:
         su.execute("SELECT manna_crypt.create_keyring('r')")
+        su.execute("SELECT manna_crypt.grant_keyring_access('r', 'lowly', 'all')")
     with rk.connect(db, user="lowly") as x:
         E(x, "42501", f"SET manna_crypt.root_key_command = 'touch {marker}; echo {new_root_key()}'")
         E(x, "42501", "SET manna_crypt.root_key_file = ''")

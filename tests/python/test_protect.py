@@ -190,7 +190,11 @@ def test_owner_only_and_idempotent(items, fresh_db):
     with connect(fresh_db, user=other) as o:
         assert sqlstate(o, "SELECT manna_crypt.protect_column('items', 'email', 'pii', 'id')") == "42501"
         assert sqlstate(o, "SELECT manna_crypt.unprotect_column('items', 'token')") == "42501"
-        # A writer without any manna_crypt privilege: the trigger encrypts.
+        # A writer needs encrypt on the column's keyring (README "Keyring
+        # access"), and no EXECUTE on any manna_crypt function.
+        assert sqlstate(o, "INSERT INTO items (email, token) VALUES ('o', 'from other')") == "42501"
+        c.execute(f"SELECT manna_crypt.grant_keyring_access('pii', '{other}', 'encrypt')")
+        c.execute(f'REVOKE manna_crypt_user FROM "{other}"')
         o.execute("INSERT INTO items (email, token) VALUES ('o', 'from other')")
     args = lambda: c.execute(
         "SELECT tgargs FROM pg_trigger WHERE tgrelid = 'items'::regclass"

@@ -420,6 +420,7 @@ def test_health_check_as_application_role(engine, fresh_db):
     with connect(fresh_db) as c:
         app = new_role(c)
         c.execute(f'GRANT manna_crypt_user TO "{app}"')
+        c.execute("SELECT manna_crypt.grant_keyring_access(%s, %s, 'all')", (KEYRING, app))
         nobody = new_role(c)
     with connect(fresh_db, user=app) as c:
         h = health(c)

@@ -215,6 +215,7 @@ def test_reload_root_key_runs_the_command_once_and_is_admin_only(shared):
         assert fp == x.execute("SELECT manna_crypt.info()->'root_key'->>'fingerprint'").fetchone()[0]
         assert kms.runs() == runs + 1
         x.execute("CREATE ROLE app_user LOGIN IN ROLE manna_crypt_user")
+        x.execute("SELECT manna_crypt.grant_keyring_access('k', 'app_user', 'all')")
     with c.connect("app", user="app_user") as u:
         assert u.execute(ROUNDTRIP).fetchone()[0] == "v"
         E(u, "42501", "SELECT manna_crypt.reload_root_key()")

@@ -369,6 +369,38 @@ def check_everything_works(cluster: Cluster, conn, st: State):
     check_info(conn, NEW, where)
 
 
+OLD_MEMBER = "old_member"
+
+
+def member_roundtrip(cluster: Cluster, db: str, keyring: str, where: str):
+    """OLD_MEMBER (a plain member of manna_crypt_user since 0.1.0) encrypts
+    under `keyring` and decrypts the result."""
+    with cluster.connect(db, user=OLD_MEMBER) as m:
+        ct = m.execute("SELECT manna_crypt.encrypt_gcm('member'::text, %s::text)", (keyring,)).fetchone()[0]
+        got = m.execute("SELECT manna_crypt.decrypt_gcm(%s::text)", (ct,)).fetchone()[0]
+    assert got == "member", f"{where}: a member of manna_crypt_user cannot use keyring {keyring}"
+
+
+def check_keyring_grants(cluster: Cluster, conn):
+    """After the update manna_crypt_user holds every privilege on every
+    keyring, present and future ('*'); README's tightening runbook then
+    narrows it to one keyring (issue 13)."""
+    where = "after ALTER EXTENSION UPDATE"
+    assert sorted(conn.execute(
+        "SELECT keyring, privilege, grantee, state FROM manna_crypt.keyring_access"
+    ).fetchall()) == [("*", p, "manna_crypt_user", "granted") for p in ("blind_index", "decrypt", "encrypt")]
+    member_roundtrip(cluster, "app", "ring_main", where)
+    # The next migration's keyring works at once.
+    conn.execute("SELECT manna_crypt.create_keyring('ring_after_upgrade')")
+    member_roundtrip(cluster, "app", "ring_after_upgrade", where)
+    # Tightening: per-keyring grants first, then the wildcard goes.
+    conn.execute("SELECT manna_crypt.grant_keyring_access('ring_main', %s, 'all')", (OLD_MEMBER,))
+    conn.execute("SELECT manna_crypt.revoke_keyring_access('*', 'manna_crypt_user', 'all')")
+    member_roundtrip(cluster, "app", "ring_main", "after tightening")
+    with cluster.connect("app", user=OLD_MEMBER) as m:
+        expect_error(m, "42501", "SELECT manna_crypt.encrypt_gcm('x'::text, 'ring_after_upgrade'::text)")
+
+
 def check_catalog_matches_fresh_install(cluster: Cluster, conn):
     cluster.create_db_with_extension("fresh")
     with cluster.connect("fresh") as fresh:
@@ -404,6 +436,7 @@ def test_upgrade_from_0_1_0(old_pg):
             before = records(conn)
             check_info(conn, OLD, f"running {OLD}")
         with cluster.connect("app2") as conn:
+            conn.execute(f"CREATE ROLE {OLD_MEMBER} LOGIN IN ROLE manna_crypt_user")
             conn.execute("SELECT manna_crypt.create_keyring('ring_app2')")
             conn.execute("CREATE TABLE t (id int PRIMARY KEY, tok manna_crypt.encrypted_text)")
             conn.execute("INSERT INTO t VALUES (1, manna_crypt.encrypt_gcm('app2-secret', 'ring_app2', '1'))")
@@ -434,6 +467,8 @@ def test_upgrade_from_0_1_0(old_pg):
             check_values(conn, st, where)
             before = records(conn)
         check_named_lock(cluster, "app", where)
+        # No grants table yet: 0.1.0's rule (EXECUTE) still decides.
+        member_roundtrip(cluster, "app", "ring_main", where)
 
         # 3. ALTER EXTENSION ... UPDATE, database by database
         with cluster.connect("app") as conn:
@@ -450,10 +485,13 @@ def test_upgrade_from_0_1_0(old_pg):
             assert after["audit"][: len(before["audit"])] == before["audit"], "the update changed audit rows"
             check_everything_works(cluster, conn, st)
             check_catalog_matches_fresh_install(cluster, conn)
+            check_keyring_grants(cluster, conn)
         with cluster.connect("app2") as conn:
             assert extversion(conn) == OLD
             got = conn.execute("SELECT manna_crypt.decrypt_gcm(tok, '1') FROM t").fetchone()[0]
             assert got == "app2-secret", "a database not yet updated stopped decrypting"
+            member_roundtrip(cluster, "app2", "ring_app2", f"{NEW} library, {OLD} catalog")
             conn.execute("ALTER EXTENSION manna_crypt UPDATE")
             assert extversion(conn) == NEW
             assert conn.execute("SELECT manna_crypt.decrypt_gcm(tok, '1') FROM t").fetchone()[0] == "app2-secret"
+            member_roundtrip(cluster, "app2", "ring_app2", "app2 after ALTER EXTENSION UPDATE")

@@ -98,7 +98,8 @@ HEALTH_CHECK_SQL = (
 def health_check(conn: Any, keyring: str) -> bool:
     """A deeper check than health(), for readiness probes: true when this session can encrypt under `keyring` and decrypt the
     result: the root key is loaded, the keyring exists and has an active,
-    usable key, and the role holds manna_crypt_user. Anything else raises
+    usable key, and the role holds manna_crypt_user and the encrypt and
+    decrypt grants on the keyring (grant_keyring_access). Anything else raises
     the database's error (its SQLSTATE says which: 58P01/58030/F0000 root
     key, 42704 no such keyring, 55000 no active key, 42501 privilege).
     Writes nothing; callable by an application role."""
